@@ -111,7 +111,7 @@ def letter_reward(prompts, completions, letter=None, **_) -> list[float]:
     """Fraction of the completion's characters equal to the asked letter (0 for an empty one)."""
     letters = letter if letter is not None else [p.strip()[0] for p in prompts]
     scores = []
-    for want, text in zip(letters, completions):
+    for want, text in zip(letters, completions, strict=True):
         text = text.strip()
         scores.append(sum(ch == want for ch in text) / len(text) if text else 0.0)
     return scores
