@@ -1,0 +1,438 @@
+"""Prompt, SFT and preference datasets from JSONL, JSON, CSV, Parquet or a saved `datasets` directory.
+
+Every row remembers where it came from (`Rows.locate(i)` -> "prompts.jsonl:17"), so each error names
+the file and line (JSONL/CSV: 1-based line; JSON/Parquet/`datasets`: 0-based row index, said as such)
+and the column at fault. Warnings about truncated or skipped rows name the rows too.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import math
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, DataError
+
+IGNORE_INDEX = -100  # label value that the cross-entropy loss skips
+_SHOW = 3  # how many row locations a warning lists
+
+
+class Rows(list):
+    """A list of row dicts with a parallel list of location strings, `sources[i]` for `self[i]`."""
+
+    def __init__(self, rows=(), sources=()):
+        super().__init__(rows)
+        self.sources = list(sources)
+
+    def locate(self, i: int) -> str:
+        """Where row `i` came from, e.g. "prompts.jsonl:17" or "data.parquet: row index 3"."""
+        return self.sources[i]
+
+
+def read_rows(path) -> Rows:
+    """Read every row of a .jsonl/.json/.csv/.parquet file or a saved `datasets` directory."""
+    path = Path(path)
+    name = str(path)
+    if not path.exists():
+        raise DataError(f"{name}: no such file or directory")
+    if path.is_dir():
+        rows, sources = _read_dataset_dir(path)
+    else:
+        suffix = path.suffix.lower()
+        if suffix not in (".jsonl", ".ndjson", ".json", ".csv", ".parquet"):
+            raise DataError(
+                f"{name}: unknown file type {suffix!r}; use .jsonl, .json, .csv, .parquet "
+                "or a directory written by datasets' save_to_disk"
+            )
+        if path.stat().st_size == 0:
+            raise DataError(f"{name}: the file is empty")
+        reader = {".csv": _read_csv, ".parquet": _read_parquet, ".json": _read_json}.get(suffix, _read_jsonl)
+        rows, sources = reader(path)
+    if not rows:
+        raise DataError(f"{name}: no rows found")
+    return Rows(rows, sources)
+
+
+def _read_jsonl(path: Path):
+    rows, sources = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+            sources.append(f"{path}:{lineno}")
+    return rows, sources
+
+
+def _read_json(path: Path):
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        hint = " (one object per line? name the file .jsonl)" if err.msg == "Extra data" else ""
+        raise DataError(
+            f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno}){hint}"
+        ) from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row index {i}: expected a JSON object, got {type(row).__name__}")
+    return data, [f"{path}: row index {i}" for i in range(len(data))]
+
+
+def _read_csv(path: Path):
+    rows, sources = [], []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            # line_num is the line where this record ends (records may span lines inside quotes).
+            if None in row:
+                raise DataError(
+                    f"{path}:{reader.line_num}: more fields than the header's "
+                    f"{len(reader.fieldnames)} columns {reader.fieldnames}"
+                )
+            rows.append(row)
+            sources.append(f"{path}:{reader.line_num}")
+    return rows, sources
+
+
+def _read_parquet(path: Path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install reinforce-lm[data]") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"{path}: cannot read Parquet file: {err}") from None
+    return rows, [f"{path}: row index {i}" for i in range(len(rows))]
+
+
+def _read_dataset_dir(path: Path):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{path}: reading a datasets directory needs: pip install reinforce-lm[data]"
+        ) from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise DataError(f"{path}: not a directory written by datasets' save_to_disk ({err})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: a DatasetDict without a 'train' split (splits: {list(ds)})")
+        ds = ds["train"]
+    rows = ds.to_list()
+    return rows, [f"{path}: row index {i}" for i in range(len(rows))]
+
+
+def _missing(where: str, wanted: str, row: dict, what: str = "") -> DataError:
+    """A DataError for a row without column `wanted`, listing the row's columns and the nearest name."""
+    near = difflib.get_close_matches(wanted, [str(k) for k in row], n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return DataError(f"{where}: no {what or repr(wanted)} column; this row has {sorted(map(str, row))}{hint}")
+
+
+def _check_messages(where: str, key: str, messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: column {key!r} must be a non-empty list of {{role, content}} messages")
+    for j, m in enumerate(messages):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise DataError(
+                f"{where}: {key}[{j}] must be an object with string 'role' and 'content', got {m!r}"
+            )
+    return messages
+
+
+def _render(tokenizer, where: str, messages: list[dict], add_generation_prompt: bool) -> str:
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(
+            f"{where}: a messages row needs a tokenizer with a chat template, and this one has "
+            "none; use a 'prompt' text column or set tokenizer.chat_template"
+        )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as err:
+        raise DataError(f"{where}: the chat template failed on these messages: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompts (the RL stage)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class PromptData:
+    """Rendered prompt texts, every other column aligned with them, and where each row came from."""
+
+    texts: list[str]
+    columns: dict[str, list] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def load_prompts(
+    path, tokenizer, prompt_column: str = "prompt", messages_column: str = "messages"
+) -> PromptData:
+    """Read prompts: a `prompt_column` string used as is, or a `messages_column` list rendered with the
+    tokenizer's chat template (with the generation prompt). A row with both uses the prompt column.
+    Other columns are kept, aligned, for reward functions; a row without one of them gets None."""
+    rows = read_rows(path)
+    texts, keys = [], {}
+    for i, row in enumerate(rows):
+        where = rows.locate(i)
+        if row.get(prompt_column) is not None:
+            text = row[prompt_column]
+            if not isinstance(text, str):
+                raise DataError(f"{where}: column {prompt_column!r} must be text, got {type(text).__name__}")
+        elif row.get(messages_column) is not None:
+            messages = _check_messages(where, messages_column, row[messages_column])
+            text = _render(tokenizer, where, messages, add_generation_prompt=True)
+        else:
+            raise _missing(where, prompt_column, row, f"{prompt_column!r} or {messages_column!r}")
+        if not text.strip():
+            raise DataError(f"{where}: empty prompt")
+        texts.append(text)
+        keys.update(dict.fromkeys(k for k in row if k not in (prompt_column, messages_column)))
+    columns = {k: [row.get(k) for row in rows] for k in keys}
+    return PromptData(texts=texts, columns=columns, sources=list(rows.sources))
+
+
+# ------------------------------------------------------------------------------------------------
+# SFT
+# ------------------------------------------------------------------------------------------------
+def _text_sft(tokenizer, where: str, row: dict) -> tuple[list[int], list[int]]:
+    for key in ("prompt", "completion"):
+        if key not in row or row[key] is None:
+            raise _missing(where, key, row)
+        if not isinstance(row[key], str):
+            raise DataError(f"{where}: column {key!r} must be text, got {type(row[key]).__name__}")
+    if not row["completion"].strip():
+        raise DataError(f"{where}: empty completion")
+    prompt_ids = tokenizer(row["prompt"])["input_ids"]
+    completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+
+
+def _messages_sft(tokenizer, where: str, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Label the assistant turns only. Template-agnostic: the characters of assistant turn i are those
+    between render(messages[:i], generation prompt) and render(messages[:i+1]); tokens whose first
+    character falls in such a span get labels (via the fast tokenizer's offsets)."""
+    full = _render(tokenizer, where, messages, add_generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        if not m["content"].strip():
+            raise DataError(f"{where}: empty completion (assistant message {i} has no content)")
+        start = _render(tokenizer, where, messages[:i], True) if i else ""
+        upto = _render(tokenizer, where, messages[: i + 1], False)
+        if not (full.startswith(upto) and upto.startswith(start)):
+            raise DataError(
+                f"{where}: the chat template does not render conversations prefix by prefix "
+                "(it rewrites earlier turns), so assistant turns cannot be located for the loss"
+            )
+        spans.append((len(start), len(upto)))
+    if not spans:
+        raise DataError(f"{where}: no assistant message to learn from")
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"{where}: SFT on messages needs a fast tokenizer (for character offsets)")
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [
+        t if any(s <= a < e for s, e in spans) else IGNORE_INDEX
+        for t, (a, _) in zip(ids, enc["offset_mapping"], strict=True)
+    ]
+    return ids, labels
+
+
+def _warn(rows: list[str], what: str) -> None:
+    if rows:
+        shown = ", ".join(rows[:_SHOW]) + (", ..." if len(rows) > _SHOW else "")
+        warnings.warn(f"{len(rows)} row(s) {what}: {shown}", stacklevel=3)
+
+
+def load_sft(path, tokenizer, max_length: int, truncate: bool = True) -> list[dict]:
+    """SFT examples {"input_ids", "labels"} with labels -100 on everything but the completion: from
+    `prompt`/`completion` text (input = prompt + completion + eos) or `messages` (assistant turns only).
+    A row longer than `max_length` is cut from the right when `truncate`, else skipped; a row whose
+    prompt alone fills `max_length` is always skipped. Both are reported in one warning each."""
+    rows = read_rows(path)
+    examples, cut, skipped = [], [], []
+    for i, row in enumerate(rows):
+        where = rows.locate(i)
+        if row.get("messages") is not None:
+            ids, labels = _messages_sft(tokenizer, where, _check_messages(where, "messages", row["messages"]))
+        else:
+            ids, labels = _text_sft(tokenizer, where, row)
+        if len(ids) > max_length:
+            first = next(j for j, t in enumerate(labels) if t != IGNORE_INDEX)
+            if not truncate or first >= max_length:
+                skipped.append(where)
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+            cut.append(where)
+        examples.append({"input_ids": ids, "labels": labels})
+    _warn(cut, f"longer than max_length={max_length} truncated from the right")
+    _warn(
+        skipped,
+        f"longer than max_length={max_length} skipped"
+        + ("" if truncate else " (truncate=False)")
+        + " or with a prompt that fills it",
+    )
+    if not examples:
+        raise DataError(f"{path}: every row was skipped as longer than max_length={max_length}")
+    return examples
+
+
+def pack_sft(examples: list[dict], max_length: int) -> list[dict]:
+    """Concatenate examples end to end and cut the stream into chunks of `max_length` (the last may be
+    shorter). Packed examples attend to each other; each starts with prompt tokens, which carry no loss."""
+    ids = [t for ex in examples for t in ex["input_ids"]]
+    labels = [t for ex in examples for t in ex["labels"]]
+    return [
+        {"input_ids": ids[s : s + max_length], "labels": labels[s : s + max_length]}
+        for s in range(0, len(ids), max_length)
+    ]
+
+
+def _pad(seqs: list[list], value, length: int | None = None) -> torch.Tensor:
+    length = length or max(len(s) for s in seqs)
+    return torch.tensor([list(s) + [value] * (length - len(s)) for s in seqs])
+
+
+def collate_sft(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids, attention_mask and labels [N, L] (labels -100 at pads)."""
+    ids = [ex["input_ids"] for ex in examples]
+    return {
+        "input_ids": _pad(ids, pad_id),  # [N, L]
+        "attention_mask": _pad([[1] * len(s) for s in ids], 0),  # [N, L]
+        "labels": _pad([ex["labels"] for ex in examples], IGNORE_INDEX),  # [N, L]
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Preferences (the reward-model stage)
+# ------------------------------------------------------------------------------------------------
+def _pair_ids(tokenizer, where: str, row: dict) -> tuple[list[int], list[int]]:
+    for key in ("chosen", "rejected"):
+        if row.get(key) is None:
+            raise _missing(where, key, row)
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if chosen == rejected:
+        raise DataError(f"{where}: chosen and rejected are the same, so the pair teaches nothing")
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        # Conversational pair: the prompt (optional) is a message list or a user turn's text.
+        head = (
+            []
+            if prompt is None
+            else prompt
+            if isinstance(prompt, list)
+            else [{"role": "user", "content": prompt}]
+        )
+        out = []
+        for key, turns in (("chosen", chosen), ("rejected", rejected)):
+            messages = _check_messages(where, key, head + turns)
+            out.append(
+                tokenizer(_render(tokenizer, where, messages, False), add_special_tokens=False)["input_ids"]
+            )
+        return out[0], out[1]
+    if prompt is None:
+        raise _missing(where, "prompt", row)
+    for key in ("prompt", "chosen", "rejected"):
+        if not isinstance(row[key], str):
+            raise DataError(
+                f"{where}: column {key!r} must be text (or chosen/rejected both message lists), "
+                f"got {type(row[key]).__name__}"
+            )
+    # Tokenized as prompt+completion text, exactly as `rewards.RewardModel` scores completions.
+    return tokenizer(prompt + chosen)["input_ids"], tokenizer(prompt + rejected)["input_ids"]
+
+
+def _margin(where: str, value) -> float:
+    if value is None or value == "":
+        return 0.0
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        margin = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: column 'margin' must be a number, got {value!r}") from None
+    if not math.isfinite(margin):
+        raise DataError(f"{where}: column 'margin' must be finite, got {value!r}")
+    return margin
+
+
+def load_preferences(path, tokenizer, max_length: int) -> list[dict]:
+    """Preference pairs {"chosen_ids", "rejected_ids", "margin"} from `prompt`/`chosen`/`rejected` text
+    (prompt + chosen, prompt + rejected) or `chosen`/`rejected` message lists (prompt optional), with an
+    optional `margin` column (0 when absent). Sequences longer than `max_length` are cut from the right;
+    a pair that becomes identical by the cut is skipped. Both are reported in one warning each."""
+    rows = read_rows(path)
+    pairs, cut, skipped = [], [], []
+    for i, row in enumerate(rows):
+        where = rows.locate(i)
+        chosen, rejected = _pair_ids(tokenizer, where, row)
+        margin = _margin(where, row.get("margin"))
+        if max(len(chosen), len(rejected)) > max_length:
+            chosen, rejected = chosen[:max_length], rejected[:max_length]
+            if chosen == rejected:
+                skipped.append(where)
+                continue
+            cut.append(where)
+        pairs.append({"chosen_ids": chosen, "rejected_ids": rejected, "margin": margin})
+    _warn(cut, f"longer than max_length={max_length} truncated from the right")
+    _warn(
+        skipped, f"skipped: chosen and rejected are identical in their first max_length={max_length} tokens"
+    )
+    if not pairs:
+        raise DataError(f"{path}: every preference pair was skipped")
+    return pairs
+
+
+def collate_preferences(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad chosen and rejected to one common length L (so they can be concatenated into one batch):
+    chosen_/rejected_ input_ids and attention_mask [N, L], and margin [N] float32."""
+    length = max(len(s) for it in items for s in (it["chosen_ids"], it["rejected_ids"]))
+    out = {}
+    for key in ("chosen", "rejected"):
+        seqs = [it[f"{key}_ids"] for it in items]
+        out[f"{key}_input_ids"] = _pad(seqs, pad_id, length)  # [N, L]
+        out[f"{key}_attention_mask"] = _pad([[1] * len(s) for s in seqs], 0, length)  # [N, L]
+    out["margin"] = torch.tensor([float(it.get("margin", 0.0)) for it in items], dtype=torch.float32)  # [N]
+    return out
+
+
+def split_eval(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic split: round(len * eval_fraction) items (at least one when the fraction is > 0 and
+    there are two items or more) go to eval, chosen by `seed`; both parts keep the original order."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    n_eval = round(len(items) * eval_fraction)
+    if eval_fraction > 0 and len(items) >= 2:
+        n_eval = min(max(n_eval, 1), len(items) - 1)
+    chosen = set(random.Random(seed).sample(range(len(items)), n_eval))
+    train = [x for i, x in enumerate(items) if i not in chosen]
+    return train, [x for i, x in enumerate(items) if i in chosen]
