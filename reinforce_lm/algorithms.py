@@ -13,17 +13,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-ESTIMATORS = (
-    "none",
-    "batch_mean",
-    "running_mean",
-    "rloo",
-    "grpo",
-    "dr_grpo",
-    "remax",
-    "reinforce_pp",
-    "reinforce_pp_baseline",
-)
+ESTIMATORS = ("none", "batch_mean", "running_mean", "rloo", "grpo", "dr_grpo", "remax",
+              "reinforce_pp", "reinforce_pp_baseline")  # fmt: skip
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 _GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline")
@@ -49,31 +40,41 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> t
 def masked_mean(
     x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, reduce_sum: ReduceSum | None = None
 ) -> torch.Tensor:
-    """Mean of ``x`` over valid positions. ``[B, T]`` -> scalar (global over processes via ``reduce_sum``).
+    """Mean of ``x`` over valid positions, ``[B, T]`` -> scalar, global over processes via ``reduce_sum``.
 
-    With ``dim`` the mean is local along that axis (``[B, T]`` -> ``[B]`` for dim=1) and a row with no valid
-    position gets 0, not NaN; ``reduce_sum`` is ignored then (rows never span processes).
+    With ``dim`` the mean is local along that axis (``[B, T]`` -> ``[B]`` for dim=1), a row with no valid
+    position gets 0, not NaN, and ``reduce_sum`` is ignored (rows never span processes).
     """
     if dim is not None:
         return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1)
-    # One all-reduce for sum and count together.
+    return _mean_var(x, mask, reduce_sum, with_var=False)[0]
+
+
+def _mean_var(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    reduce_sum: ReduceSum | None,
+    with_var: bool = True,
+    unbiased: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Global mean and variance: one all-reduce of (sum, count), one of the squared deviations from the
+    global mean (two passes are numerically safer than a sum of squares)."""
     total, count = _sum_all(torch.stack([masked_sum(x, mask), mask.sum().to(x.dtype)]), reduce_sum)
-    return total / count.clamp(min=1)
+    mean = total / count.clamp(min=1)
+    if not with_var:
+        return mean, None
+    ssd = _sum_all(masked_sum((x - mean) ** 2, mask), reduce_sum)
+    return mean, ssd / ((count - 1).clamp(min=1) if unbiased else count.clamp(min=1))
 
 
 def masked_var(
     x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduce_sum: ReduceSum | None = None
 ) -> torch.Tensor:
-    """Variance of ``x`` over all valid positions of ``[B, T]`` -> scalar.
+    """Variance of ``x`` over all valid positions, ``[B, T]`` -> scalar, global via ``reduce_sum``.
 
-    Two passes: the global mean, then the all-reduced sum of squared deviations from it (numerically
-    safer than sum of squares). ``unbiased`` divides by n - 1 (Bessel); with n <= 1 the result is 0.
+    ``unbiased`` divides by n - 1 (Bessel's correction), else by n; with n <= 1 the result is 0.
     """
-    mean = masked_mean(x, mask, reduce_sum=reduce_sum)
-    ssd, count = _sum_all(
-        torch.stack([masked_sum((x - mean) ** 2, mask), mask.sum().to(x.dtype)]), reduce_sum
-    )
-    return ssd / (count - 1).clamp(min=1) if unbiased else ssd / count.clamp(min=1)
+    return _mean_var(x, mask, reduce_sum, unbiased=unbiased)[1]
 
 
 def masked_whiten(
@@ -83,17 +84,14 @@ def masked_whiten(
     eps: float = 1e-8,
     reduce_sum: ReduceSum | None = None,
 ) -> torch.Tensor:
-    """``(x - mean) / sqrt(var + eps)`` over all valid positions of ``[B, T]`` -> ``[B, T]``, 0 where masked.
+    """``(x - mean) / sqrt(var + eps)`` over all valid positions, ``[B, T]`` -> ``[B, T]``, 0 where masked.
 
-    Bessel-corrected variance, statistics global over processes through ``reduce_sum``. With
+    Bessel-corrected variance; statistics global over processes through ``reduce_sum``. With
     ``shift_mean=False`` the mean is added back (only the scale is normalised).
     """
-    mean = masked_mean(x, mask, reduce_sum=reduce_sum)
-    var = masked_var(x, mask, unbiased=True, reduce_sum=reduce_sum)
+    mean, var = _mean_var(x, mask, reduce_sum)
     out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+    return (out if shift_mean else out + mean) * mask
 
 
 class RunningMean:
@@ -115,9 +113,11 @@ class RunningMean:
         )
 
     def state_dict(self) -> dict:
+        """The state to checkpoint: ``{"decay", "value"}``."""
         return {"decay": self.decay, "value": self.value}
 
     def load_state_dict(self, d: dict) -> None:
+        """Restore from ``state_dict()`` (exact resume)."""
         self.decay = float(d["decay"])
         self.value = None if d["value"] is None else float(d["value"])
 
@@ -135,10 +135,8 @@ def place_at_last_token(values: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     """Reward-to-go ``G_t = sum_{s >= t, valid} gamma^(s - t) r_s``, ``[B, T]`` -> ``[B, T]``.
 
-    Sutton & Barto 2018, eq. 3.8.
-
-    The exponent counts positions, so an interior masked position costs one discount step but adds no
-    reward. Zero where masked. Loops over T only.
+    Sutton & Barto 2018, eq. 3.8. The exponent counts positions, so an interior masked position costs
+    one discount step but adds no reward. Zero where masked. Loops over T only.
     """
     rewards = token_rewards * mask
     out = torch.zeros_like(rewards)
@@ -179,7 +177,7 @@ def compute_advantages(
     ``none`` 0 (Williams 1992); ``batch_mean`` the mean of r over the whole batch (all processes);
     ``running_mean`` ``running_mean.baseline()``, then the state is updated with this batch's global mean,
     so the batch never enters its own baseline; ``rloo`` the mean of the other n - 1 samples of g (Kool et
-    al. 2019; Ahmadian et al. 2024 eq. 5); ``grpo`` mean_g, and A is divided by std_g + eps (Shao et al.
+    al. 2019; Ahmadian et al. 2024); ``grpo`` mean_g, and A is divided by std_g + eps (Shao et al.
     2024, sec. 4.1.2); ``dr_grpo`` mean_g, no division (Liu et al. 2025); ``remax`` ``baseline_rewards``,
     the greedy completion's score (Li et al. 2023); ``reinforce_pp`` 0, then token returns are whitened
     over the batch (Hu 2025); ``reinforce_pp_baseline`` mean_g, then whitened the same way.
@@ -191,7 +189,8 @@ def compute_advantages(
     Choices where implementations disagree:
     - group of one: no baseline (mean 0, std 1) for every group estimator. Its own reward as baseline
       would give A = 0 and 0/0 std, silently discarding the sample; RLOO has no "other" samples.
-    - std: Bessel-corrected (``torch.std``, as TRL and the GRPO paper's code); eps added to std.
+    - std: Bessel-corrected (``torch.std``, as TRL and verl do); eps is added to the std,
+      not under the sqrt.
     - whitening (reinforce_pp*): over valid tokens, not sequences, as in OpenRLHF; var + 1e-8 in the
       sqrt. Longer responses weigh more in the statistics, which matches a token-mean loss.
     - padded positions never enter any statistic and are 0 in the output; group statistics never
@@ -267,7 +266,7 @@ def aggregate_loss(
 ) -> torch.Tensor:
     """Reduce a per-token loss ``[B, T]`` to a scalar.
 
-    ``token-mean`` (DAPO, Yu et al. 2025 eq. 8): sum over valid tokens / normalizer (default: their count).
+    ``token-mean`` (DAPO, Yu et al. 2025 sec. 3.3): sum over valid tokens / normalizer (default: their count).
     ``seq-mean-token-mean`` (GRPO): sum of per-sequence token means / normalizer (default B).
     ``seq-mean-token-sum``: sum of per-sequence sums / normalizer (default B).
     ``seq-mean-token-sum-norm`` (Dr. GRPO, Liu et al. 2025): sum of per-sequence sums /

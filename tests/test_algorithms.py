@@ -342,7 +342,7 @@ def test_unbiased_estimators_match_true_gradient(estimator, kw):
 def test_biased_estimators_differ_from_true_gradient():
     _, true = expected_gradient("none")
     grpo, _ = expected_gradient("grpo")
-    assert (grpo - true).norm() > 0.05 * true.norm()
+    assert (grpo - true).norm() > 0.25 * true.norm()  # about 0.6 here
     # the batch mean includes the sample itself: E[grad] = (K - 1)/K * true gradient, exactly
     batch_mean, _ = expected_gradient("batch_mean")
     close(batch_mean, true * 2 / 3, tol=1e-9)
