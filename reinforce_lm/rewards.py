@@ -1,0 +1,262 @@
+"""Rewards: one protocol, `fn(prompts, completions, **columns) -> list[float]`.
+
+A reward is a function loaded from `path/to/file.py:func` or `package.module:func`, or a learned reward
+model (`RewardModel`, an `AutoModelForSequenceClassification` with one label and its own tokenizer).
+`RewardSet` calls several of them the way TRL does (`fn(prompts=..., completions=...,
+completion_ids=..., **columns)`, so TRL users' reward functions work unchanged), checks every score,
+and sums them with weights. Every error names the reward function and, where one is at fault, the sample.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import math
+import numbers
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import RewardError
+
+
+def load_reward_function(spec: str) -> Callable:
+    """Load `path/to/file.py:func` (any file, loaded under a unique module name) or `package.module:func`."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise RewardError(f"reward {spec!r}: expected FILE.py:FUNCTION or package.module:FUNCTION")
+    is_file = target.endswith(".py") or "/" in target or "\\" in target
+    if is_file:
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise RewardError(f"reward {spec!r}: file {target} not found")
+        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+        name = f"_reinforce_lm_reward_{path.stem}_{digest}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module  # so dataclasses, pickling and relative lookups inside it work
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as err:
+            del sys.modules[name]
+            raise RewardError(
+                f"reward {spec!r}: loading {target} failed: {type(err).__name__}: {err}"
+            ) from err
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as err:
+            raise RewardError(
+                f"reward {spec!r}: importing {target} failed: {type(err).__name__}: {err}"
+            ) from err
+    fn = getattr(module, attr, None)
+    if fn is None:
+        own = [
+            k
+            for k, v in vars(module).items()
+            if not k.startswith("_") and callable(v) and getattr(v, "__module__", None) == module.__name__
+        ]
+        own = own or [k for k, v in vars(module).items() if not k.startswith("_") and callable(v)]
+        near = difflib.get_close_matches(attr, own, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise RewardError(f"reward {spec!r}: {target} has no {attr!r}; its functions: {own}{hint}")
+    if not callable(fn):
+        raise RewardError(f"reward {spec!r}: {attr!r} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+class RewardModel:
+    """A learned scalar reward: scores prompt+completion text with its own tokenizer (which may differ
+    from the policy's), in batches, right-padded, truncated from the right to `max_length` tokens."""
+
+    def __init__(self, path, device="cpu", dtype=None, batch_size: int = 32, max_length: int = 1024):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.name = f"reward_model:{Path(str(path)).name}"
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                str(path),
+                **({} if dtype is None else {"dtype": dtype}),  # None: the saved dtype
+            )
+        except Exception as err:
+            raise RewardError(f"reward model {path}: cannot load: {type(err).__name__}: {err}") from err
+        if self.model.config.num_labels != 1:
+            raise RewardError(
+                f"reward model {path}: has num_labels={self.model.config.num_labels}; a reward model "
+                "needs exactly one output (num_labels=1)"
+            )
+        pad_id = self.model.config.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.pad_token_id
+            pad_id = self.tokenizer.eos_token_id if pad_id is None else pad_id
+            if pad_id is None:
+                raise RewardError(f"reward model {path}: its tokenizer has neither a pad nor an eos token")
+            # Sequence-classification heads pool the last token that is not pad_token_id: set it.
+            self.model.config.pad_token_id = pad_id
+            self.model.config.get_text_config().pad_token_id = pad_id
+        self.pad_id = pad_id  # we pad with the model's own id, so its pooling finds the last real token
+        self.model.to(device).eval().requires_grad_(False)
+        self.device, self.batch_size, self.max_length = torch.device(device), batch_size, max_length
+        self._warned = False
+
+    def __call__(self, prompts: list[str], completions: list[str], **_) -> list[float]:
+        texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            ids = self.tokenizer(texts[start : start + self.batch_size])["input_ids"]
+            if any(len(x) > self.max_length for x in ids) and not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"{self.name}: texts longer than {self.max_length} tokens are cut from the right",
+                    stacklevel=2,
+                )
+            ids = [x[: self.max_length] for x in ids]
+            width = max(len(x) for x in ids)
+            input_ids = torch.tensor([x + [self.pad_id] * (width - len(x)) for x in ids], device=self.device)
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.device)
+            with torch.inference_mode():
+                logits = self.model(input_ids=input_ids, attention_mask=mask).logits  # [b, 1]
+            scores.extend(logits[:, 0].float().tolist())
+        return scores
+
+
+def _shorten(text, n: int = 60) -> str:
+    text = repr(text)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _where_raised(err: BaseException) -> str:
+    frames = traceback.extract_tb(err.__traceback__)
+    return f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+
+
+class RewardSet:
+    """Rewards `(name, fn, weight)`; called, it returns the weighted sum [B] and each raw score [B]."""
+
+    def __init__(self, functions: list[tuple[str, Callable, float]]):
+        self.functions = list(functions)
+        # Per function: None when it takes **kwargs (gets everything), else (names it accepts, requires).
+        self._params = [self._signature(fn) for _, fn, _ in self.functions]
+
+    @staticmethod
+    def _signature(fn: Callable):
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):  # some builtins and C callables have no signature
+            return None
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return None
+        named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        required = {p.name for p in params if p.default is p.empty and p.kind is not p.VAR_POSITIONAL}
+        return named, required
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.functions]
+
+    def check(self, column_names) -> None:
+        """Raise now if a reward function requires an argument that no column will provide."""
+        have = {"prompts", "completions", "completion_ids", *column_names}
+        for (name, _, _), params in zip(self.functions, self._params, strict=True):
+            if params is not None and (missing := sorted(params[1] - have)):
+                raise RewardError(
+                    f"reward {name!r} requires {missing}, which are not columns of the prompts file "
+                    f"(it gets prompts, completions, completion_ids and the columns {sorted(column_names)})"
+                )
+
+    @staticmethod
+    def _kwargs(params, everything: dict) -> dict:
+        """Everything for a function with **kwargs, else only the keywords it names."""
+        return everything if params is None else {k: v for k, v in everything.items() if k in params[0]}
+
+    def __call__(self, prompts, completions, completion_ids=None, columns=None):
+        """Score B completions: (weighted sum [B] float32, {name: raw scores [B] float32})."""
+        columns = dict(columns or {})
+        n = len(completions)
+        for key, values in columns.items():
+            if len(values) != n:
+                raise RewardError(f"column {key!r} has {len(values)} values for {n} completions")
+        self.check(columns)
+        everything = {**columns, "prompts": list(prompts), "completions": list(completions)}
+        everything["completion_ids"] = completion_ids  # a column cannot shadow these three
+        total, raw = torch.zeros(n, dtype=torch.float32), {}
+        for (name, fn, weight), params in zip(self.functions, self._params, strict=True):
+            try:
+                out = fn(**self._kwargs(params, everything))
+            except Exception as err:
+                raise self._blame(name, fn, params, everything, err) from err
+            raw[name] = self._validate(name, out, n)  # [B]
+            total += weight * raw[name]
+        return total, raw
+
+    def _blame(self, name: str, fn: Callable, params, everything: dict, err: Exception) -> RewardError:
+        """Find the first sample that makes `fn` raise on its own, for an error that names it."""
+        for i in range(len(everything["completions"])):
+            one = {k: (None if v is None else v[i : i + 1]) for k, v in everything.items()}
+            try:
+                fn(**self._kwargs(params, one))
+            except Exception as sample_err:
+                return RewardError(
+                    f"reward {name!r} raised on sample {i} (prompt {_shorten(one['prompts'][0])}, "
+                    f"completion {_shorten(one['completions'][0])}): "
+                    f"{type(sample_err).__name__}: {sample_err}{_where_raised(sample_err)}"
+                )
+        return RewardError(
+            f"reward {name!r} raised on the batch of {len(everything['completions'])} (but on no sample "
+            f"alone): {type(err).__name__}: {err}{_where_raised(err)}"
+        )
+
+    @staticmethod
+    def _validate(name: str, out, n: int) -> torch.Tensor:
+        """Check a reward function's output: n finite numbers (int, float, bool, numpy/torch scalars)."""
+        if isinstance(out, torch.Tensor) or hasattr(out, "__array__"):
+            out = out.tolist() if getattr(out, "ndim", 1) == 1 else out
+        if isinstance(out, (str, bytes)) or not isinstance(out, Sequence):
+            raise RewardError(
+                f"reward {name!r} must return a list of {n} floats, got {type(out).__name__}: {_shorten(out)}"
+            )
+        if len(out) != n:
+            raise RewardError(
+                f"reward {name!r} returned {len(out)} scores for {n} completions (expected {n})"
+            )
+        scores = []
+        for i, value in enumerate(out):
+            if isinstance(value, torch.Tensor) and value.numel() == 1 or getattr(value, "ndim", None) == 0:
+                value = value.item()
+            if not isinstance(value, numbers.Real):
+                raise RewardError(f"reward {name!r} returned a non-number for sample {i}: {_shorten(value)}")
+            if not math.isfinite(value):
+                raise RewardError(f"reward {name!r} returned {value} for sample {i}; scores must be finite")
+            scores.append(float(value))
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+def build_rewards(
+    reward_specs: list[str], reward_model_paths: list[str], weights: list[float] | None = None, device="cpu"
+) -> RewardSet:
+    """Reward functions (specs) then reward models (paths), with one weight each (1.0 by default)."""
+    reward_specs, reward_model_paths = list(reward_specs or []), list(reward_model_paths or [])
+    n = len(reward_specs) + len(reward_model_paths)
+    if n == 0:
+        raise RewardError("no reward given: pass --reward FILE.py:FUNCTION and/or --reward-model DIR")
+    weights = [1.0] * n if weights is None else [float(w) for w in weights]
+    if len(weights) != n:
+        raise RewardError(
+            f"got {len(weights)} reward weights for {n} rewards ({len(reward_specs)} functions "
+            f"{reward_specs} then {len(reward_model_paths)} reward models {reward_model_paths})"
+        )
+    fns = [(spec.rpartition(":")[2], load_reward_function(spec)) for spec in reward_specs]
+    fns += [(m.name, m) for m in (RewardModel(p, device=device) for p in reward_model_paths)]
+    entries, seen = [], {}
+    for (name, fn), weight in zip(fns, weights, strict=True):
+        seen[name] = seen.get(name, 0) + 1
+        entries.append((name if seen[name] == 1 else f"{name}_{seen[name]}", fn, weight))
+    return RewardSet(entries)

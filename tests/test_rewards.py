@@ -1,0 +1,255 @@
+"""Rewards: loading functions, the TRL calling convention, validation of scores, learned reward models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reinforce_lm import toy
+from reinforce_lm.errors import RewardError
+from reinforce_lm.rewards import RewardModel, RewardSet, build_rewards, load_reward_function
+
+PROMPTS = ["a?", "b?", "c?"]
+COMPLETIONS = ["aaa", "ab", "xyz"]
+
+
+def write_reward_file(tmp_path, body: str, name: str = "my_rewards.py"):
+    path = tmp_path / name
+    path.write_text(body)
+    return path
+
+
+def test_load_from_file_and_from_module(tmp_path):
+    path = write_reward_file(
+        tmp_path, "def length(prompts, completions, **kw):\n    return [len(c) for c in completions]\n"
+    )
+    fn = load_reward_function(f"{path}:length")
+    assert fn(PROMPTS, COMPLETIONS) == [3, 2, 3]
+    assert load_reward_function("reinforce_lm.toy:letter_reward") is toy.letter_reward
+    # Two files with the same name load as two different modules.
+    other = tmp_path / "sub"
+    other.mkdir()
+    path2 = write_reward_file(
+        other, "def length(prompts, completions, **kw):\n    return [0.0] * len(completions)\n"
+    )
+    assert load_reward_function(f"{path2}:length")(PROMPTS, COMPLETIONS) == [0.0] * 3
+    assert load_reward_function(f"{path}:length")(PROMPTS, COMPLETIONS) == [3, 2, 3]
+
+
+def test_load_errors(tmp_path):
+    good = write_reward_file(tmp_path, "X = 3\ndef score_len(prompts, completions):\n    return []\n")
+    broken = write_reward_file(tmp_path, "import no_such_module_xyz\n", name="broken.py")
+    cases = [
+        ("my_rewards.py", r"expected FILE\.py:FUNCTION"),
+        (f"{tmp_path}/missing.py:f", r"missing\.py not found"),
+        (
+            f"{broken}:f",
+            r"loading .*broken\.py failed: ModuleNotFoundError: No module named 'no_such_module_xyz'",
+        ),
+        ("no_such_module_xyz:f", r"importing no_such_module_xyz failed: ModuleNotFoundError"),
+        (
+            f"{good}:score_length",
+            r"has no 'score_length'; its functions: \['score_len'\]; did you mean 'score_len'",
+        ),
+        (f"{good}:X", r"'X' is a int, not a function"),
+        ("reinforce_lm.toy:ALPHABET", r"'ALPHABET' is a str, not a function"),
+    ]
+    for spec, match in cases:
+        with pytest.raises(RewardError, match=match):
+            load_reward_function(spec)
+
+
+def test_trl_convention_columns_aligned_and_weighted_sum():
+    seen = {}
+
+    def record(prompts, completions, completion_ids, letter, **kwargs):
+        seen.update(prompts=prompts, completions=completions, ids=completion_ids, letter=letter, **kwargs)
+        return [1.0, 2.0, 3.0]
+
+    def const(completions, **kwargs):
+        return [0.5] * len(completions)
+
+    rs = RewardSet([("record", record, 2.0), ("const", const, -1.0)])
+    ids = [[1], [2, 3], [4]]
+    total, raw = rs(
+        PROMPTS, COMPLETIONS, completion_ids=ids, columns={"letter": ["a", "b", "c"], "n": [1, 2, 3]}
+    )
+    assert seen == {
+        "prompts": PROMPTS,
+        "completions": COMPLETIONS,
+        "ids": ids,
+        "letter": ["a", "b", "c"],
+        "n": [1, 2, 3],
+    }
+    assert total.dtype == torch.float32 and total.tolist() == [1.5, 3.5, 5.5]
+    assert raw["record"].tolist() == [1.0, 2.0, 3.0] and raw["const"].tolist() == [0.5] * 3
+    assert rs.names == ["record", "const"]
+
+
+def test_signature_filtering():
+    def narrow(completions, letter):  # no **kwargs: gets only what it names
+        return [float(c.count(x)) for c, x in zip(completions, letter, strict=True)]
+
+    def optional(prompts, completions, missing_col=None):
+        assert missing_col is None
+        return [1.0] * len(prompts)
+
+    rs = RewardSet([("narrow", narrow, 1.0), ("optional", optional, 1.0)])
+    total, raw = rs(PROMPTS, COMPLETIONS, columns={"letter": ["a", "b", "c"], "other": [0, 0, 0]})
+    assert raw["narrow"].tolist() == [3.0, 1.0, 0.0] and total.tolist() == [4.0, 2.0, 1.0]
+
+    def needs(prompts, completions, answer):
+        return [0.0] * len(prompts)
+
+    with pytest.raises(RewardError, match=r"reward 'needs' requires \['answer'\].*columns \['letter'\]"):
+        RewardSet([("needs", needs, 1.0)])(PROMPTS, COMPLETIONS, columns={"letter": ["a", "b", "c"]})
+    with pytest.raises(RewardError, match=r"reward 'needs' requires \['answer'\]"):
+        RewardSet([("needs", needs, 1.0)]).check(["letter"])
+
+
+def test_letter_reward_through_the_set():
+    total, _ = RewardSet([("letter", toy.letter_reward, 1.0)])(
+        PROMPTS, COMPLETIONS, columns={"letter": list("abc")}
+    )
+    assert total.tolist() == pytest.approx([1.0, 0.5, 0.0])
+
+
+def test_raising_reward_names_the_sample():
+    def picky(prompts, completions, **kw):
+        return [1.0 / (len(c) - 2) for c in completions]  # "ab" divides by zero
+
+    with pytest.raises(
+        RewardError,
+        match=r"reward 'picky' raised on sample 1 \(prompt 'b\?', completion 'ab'\): "
+        r"ZeroDivisionError: float division by zero \(at test_rewards\.py:\d+\)",
+    ):
+        RewardSet([("picky", picky, 1.0)])(PROMPTS, COMPLETIONS)
+
+    def batch_only(prompts, completions, **kw):
+        if len(completions) > 1:
+            raise RuntimeError("too many")
+        return [0.0]
+
+    with pytest.raises(
+        RewardError, match=r"raised on the batch of 3 \(but on no sample alone\): RuntimeError"
+    ):
+        RewardSet([("batch_only", batch_only, 1.0)])(PROMPTS, COMPLETIONS)
+
+
+@pytest.mark.parametrize(
+    "out, match",
+    [
+        (0.5, r"reward 'bad' must return a list of 3 floats, got float"),
+        ("abc", r"must return a list of 3 floats, got str"),
+        (None, r"must return a list of 3 floats, got NoneType"),
+        ([1.0, 2.0], r"reward 'bad' returned 2 scores for 3 completions \(expected 3\)"),
+        ([1.0, None, 2.0], r"reward 'bad' returned a non-number for sample 1: None"),
+        ([1.0, 2.0, "3"], r"returned a non-number for sample 2: '3'"),
+        ([1.0, float("nan"), 2.0], r"returned nan for sample 1; scores must be finite"),
+        ([1.0, 2.0, -math.inf], r"returned -inf for sample 2"),
+        (torch.tensor([[1.0], [2.0], [3.0]]), r"must return a list of 3 floats, got Tensor"),
+        ([1.0, torch.tensor([1.0, 2.0]), 2.0], r"non-number for sample 1"),
+    ],
+)
+def test_bad_scores(out, match):
+    with pytest.raises(RewardError, match=match):
+        RewardSet([("bad", lambda prompts, completions, **kw: out, 1.0)])(PROMPTS, COMPLETIONS)
+
+
+@pytest.mark.parametrize(
+    "out",
+    [
+        [1, 2.5, True],
+        (1, 2.5, True),
+        np.array([1.0, 2.5, 1.0], dtype=np.float32),
+        torch.tensor([1.0, 2.5, 1.0]),
+        [np.float64(1.0), torch.tensor(2.5), np.int64(1)],
+    ],
+)
+def test_accepted_score_types(out):
+    _, raw = RewardSet([("ok", lambda prompts, completions, **kw: out, 1.0)])(PROMPTS, COMPLETIONS)
+    assert raw["ok"].tolist() == [1.0, 2.5, 1.0]
+
+
+def test_misaligned_column():
+    with pytest.raises(RewardError, match=r"column 'letter' has 2 values for 3 completions"):
+        RewardSet([("l", toy.letter_reward, 1.0)])(PROMPTS, COMPLETIONS, columns={"letter": ["a", "b"]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Learned reward models, with a tokenizer different from the policy's.
+# ---------------------------------------------------------------------------------------------
+def save_reward_model(path, num_labels: int = 1):
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    # A different alphabet order: the same characters get different ids than in the policy's tokenizer.
+    tokenizer = toy.make_tokenizer(alphabet=toy.ALPHABET[::-1] + "xyz")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+        pad_token_id=None,  # RewardModel must take it from the tokenizer
+    )
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory):
+    return save_reward_model(tmp_path_factory.mktemp("rm"))
+
+
+def test_reward_model_scores_independent_of_batching(reward_model_dir, tokenizer):
+    prompts = ["a?", "bb?", "c?", "1+1="]
+    completions = ["aaaa", "b", "xyz c", "2"]
+    rm = RewardModel(reward_model_dir, batch_size=4)
+    assert rm.tokenizer("a")["input_ids"] != tokenizer("a")["input_ids"]  # really a different tokenizer
+    assert rm.model.config.pad_token_id == rm.tokenizer.pad_token_id
+    scores = rm(prompts, completions)
+    assert len(scores) == 4 and all(isinstance(s, float) for s in scores)
+    assert len(set(scores)) == 4
+    single = RewardModel(reward_model_dir, batch_size=1)
+    one_by_one = [single([p], [c])[0] for p, c in zip(prompts, completions, strict=True)]
+    assert scores == pytest.approx(one_by_one, abs=1e-5)
+    assert RewardModel(reward_model_dir, batch_size=3)(prompts, completions) == pytest.approx(
+        scores, abs=1e-5
+    )
+    assert not any(p.requires_grad for p in rm.model.parameters()) and not rm.model.training
+    assert rm.name.startswith("reward_model:")
+
+
+def test_reward_model_truncates_and_warns(reward_model_dir):
+    rm = RewardModel(reward_model_dir, max_length=4)
+    with pytest.warns(UserWarning, match="longer than 4 tokens are cut from the right"):
+        long, short = rm(["abcdef", "abcd"], ["gh", ""])
+    assert long == pytest.approx(short, abs=1e-5)
+
+
+def test_reward_model_errors(tmp_path):
+    with pytest.raises(RewardError, match=r"num_labels=2.*exactly one"):
+        RewardModel(save_reward_model(tmp_path / "two", num_labels=2))
+    with pytest.raises(RewardError, match=r"reward model .*nowhere: cannot load"):
+        RewardModel(tmp_path / "nowhere")
+
+
+def test_build_rewards(tmp_path, reward_model_dir):
+    rs = build_rewards(["reinforce_lm.toy:letter_reward"], [str(reward_model_dir)], weights=[1.0, 0.0])
+    assert rs.names[0] == "letter_reward" and rs.names[1].startswith("reward_model:")
+    total, raw = rs(PROMPTS, COMPLETIONS, columns={"letter": list("abc")})
+    assert total.tolist() == pytest.approx([1.0, 0.5, 0.0]) and raw[rs.names[1]].shape == (3,)
+    rs = build_rewards(["reinforce_lm.toy:letter_reward", "reinforce_lm.toy:letter_reward"], [], None)
+    assert rs.names == ["letter_reward", "letter_reward_2"]
+    with pytest.raises(RewardError, match=r"pass --reward .* --reward-model"):
+        build_rewards([], [], None)
+    with pytest.raises(RewardError, match=r"got 1 reward weights for 2 rewards"):
+        build_rewards(["reinforce_lm.toy:letter_reward"], [str(reward_model_dir)], weights=[1.0])
