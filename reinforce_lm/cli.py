@@ -1,0 +1,120 @@
+"""`reinforce-lm sft | reward | train | eval | demo`. Flags are generated from the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from reinforce_lm.config import EvalConfig, TrainConfig, build_config, field_type, load_yaml
+from reinforce_lm.errors import ConfigError, ReinforceLMError
+
+COMMANDS: dict[str, tuple[type, str]] = {
+    "train": (TrainConfig, "RL fine-tuning: REINFORCE estimators (--estimator) or PPO (--algorithm ppo)."),
+    "eval": (EvalConfig, "Mean reward of a model's completions on a prompts file, with samples."),
+}
+
+
+def register(name: str, cls: type, help: str) -> None:
+    """Stages add their sub-command here (SFT, reward model)."""
+    COMMANDS[name] = (cls, help)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    parser.add_argument("--config", help="YAML file of keys; flags given here override it.")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        t = field_type(cls, f)
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("required"):
+            help_text += " (required)"
+        elif f.default is not dataclasses.MISSING and f.default != "":
+            help_text += f" [default: {f.default}]"
+        kw = dict(dest=f.name, help=help_text, default=argparse.SUPPRESS)
+        if t is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif t is list:
+            parser.add_argument(flag, action="extend", nargs="+", **kw)
+        else:
+            parser.add_argument(flag, metavar=t.__name__.upper(), **kw)
+
+
+def parse_config(cls, args: argparse.Namespace):
+    values = {}
+    where = "command line"
+    if getattr(args, "config", None):
+        values.update(load_yaml(args.config))
+        where = f"{args.config} / command line"
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "command")})
+    return build_config(cls, values, where)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from reinforce_lm import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="reinforce-lm",
+        description="REINFORCE-family RL fine-tuning of Hugging Face causal LMs (SFT, reward models, "
+        "RLOO/GRPO/ReMax/REINFORCE++, PPO). Runs unchanged under torchrun.",
+    )
+    parser.add_argument("--version", action="version", version=f"reinforce-lm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (cls, help) in COMMANDS.items():
+        add_config_flags(sub.add_parser(name, help=help, description=help), cls)
+    demo = sub.add_parser("demo", help="Train a tiny local model on a built-in task and show reward rising.")
+    demo.add_argument("--output-dir", default=None, help="Keep the demo's files here (default: a temp dir).")
+    demo.add_argument("--steps", type=int, default=None, help="RL steps (default: the demo's own).")
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    _load_stage_commands()
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_transformers()
+    try:
+        if args.command == "demo":
+            from reinforce_lm.demo import run_demo
+
+            run_demo(output_dir=args.output_dir, steps=args.steps, seed=args.seed)
+            return
+        cls, _ = COMMANDS[args.command]
+        cfg = parse_config(cls, args)
+        from reinforce_lm import runner
+
+        code = getattr(runner, f"run_{args.command}")(cfg)
+    except ReinforceLMError as e:
+        print(f"reinforce-lm {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if code:
+        sys.exit(code)
+
+
+def _load_stage_commands() -> None:
+    """Import stages that register extra sub-commands (kept optional so a broken stage is loud)."""
+    for module in ("reinforce_lm.stages.sft", "reinforce_lm.stages.reward_model"):
+        try:
+            __import__(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetics only
+        pass
+
+
+def require_file(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what} {path} does not exist")
+    return p

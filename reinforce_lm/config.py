@@ -1,0 +1,256 @@
+"""Typed configuration: dataclasses whose field `help` is the `--help` text. defaults < YAML < --flags.
+
+Every value is checked when the config is built (`__post_init__`); an unknown key is an error that
+suggests the nearest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reinforce_lm.errors import ConfigError
+
+ESTIMATORS = (
+    "none",
+    "batch_mean",
+    "running_mean",
+    "rloo",
+    "grpo",
+    "dr_grpo",
+    "remax",
+    "reinforce_pp",
+    "reinforce_pp_baseline",
+)
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _choice(cfg, name: str, choices) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}{hint}")
+
+
+def _positive(cfg, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclass
+class EngineConfig:
+    """Options every stage shares: the model, optimiser, schedule, checkpoints and devices."""
+
+    model: str = _f("", "Policy to train: a local Hugging Face directory or a hub id.", required=True)
+    output_dir: str = _f("runs/out", "Where checkpoints, the final model and metrics.jsonl go.")
+    steps: int = _f(100, "Number of optimiser steps (for RL: batches of rollouts).")
+    lr: float = _f(1e-5, "Peak learning rate of AdamW.")
+    warmup_steps: int = _f(0, "Linear learning-rate warm-up, in optimiser steps.")
+    lr_schedule: str = _f("constant", "After warm-up: constant, linear (to 0) or cosine (to 0).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this value (0 disables clipping).")
+    micro_batch_size: int = _f(8, "Sequences per forward/backward; gradients accumulate over the batch.")
+    seed: int = _f(0, "Random seed: sampling, data order and initialisation.")
+    save_every: int = _f(0, "Write a checkpoint every N steps (0: only at the end and on Ctrl-C).")
+    keep_checkpoints: int = _f(2, "How many most recent checkpoints to keep on disk.")
+    resume: bool = _f(False, "Continue from the latest checkpoint in output_dir.")
+    dtype: str = _f("float32", "Parameter dtype: float32, bfloat16 or float16.")
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available, else cpu).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    progress: bool = _f(True, "Show a progress bar.")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("model is required: pass --model DIR_OR_ID (or `model:` in the YAML file)")
+        _positive(self, "steps", "lr", "micro_batch_size", "keep_checkpoints")
+        _positive(self, "warmup_steps", "weight_decay", "max_grad_norm", "save_every", allow_zero=True)
+        _choice(self, "lr_schedule", ("constant", "linear", "cosine"))
+        _choice(self, "dtype", ("float32", "bfloat16", "float16"))
+
+
+@dataclass
+class TrainConfig(EngineConfig):
+    """`reinforce-lm train`: REINFORCE-family estimators, or PPO with a critic."""
+
+    prompts: str = _f(
+        "", "Prompts file (JSONL, CSV, Parquet, JSON or a saved datasets directory).", required=True
+    )
+    prompt_column: str = _f("prompt", "Column with the prompt text.")
+    messages_column: str = _f("messages", "Column with chat messages, rendered with the chat template.")
+    reward: list = _f([], "Reward function(s) as path/to/file.py:function or module:function.")
+    reward_model: list = _f([], "Learned reward model directory(ies) (AutoModelForSequenceClassification).")
+    reward_weights: list = _f([], "Weights of the rewards, functions first then models (default 1 each).")
+    ref_model: str = _f("", "Frozen reference model (default: the starting policy, --model).")
+    algorithm: str = _f("reinforce", "reinforce (critic-free, see --estimator) or ppo (with a critic).")
+    estimator: str = _f("rloo", "Advantage estimator: " + ", ".join(ESTIMATORS) + ".")
+    samples_per_prompt: int = _f(4, "K: completions sampled per prompt (a group).")
+    prompts_per_step: int = _f(8, "P: prompts per step, over all processes; the batch is P*K sequences.")
+    max_new_tokens: int = _f(64, "Maximum completion length in tokens.")
+    max_prompt_length: int = _f(512, "Prompts longer than this many tokens keep their last tokens.")
+    temperature: float = _f(1.0, "Sampling temperature (log-probs are taken at the same temperature).")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 disables).")
+    top_k: int = _f(0, "Top-k sampling (0 disables).")
+    beta: float = _f(0.05, "KL coefficient against the frozen reference; 0 loads no reference model.")
+    kl_estimator: str = _f("k3", "KL estimator: k1 (log-ratio), k2 (half squared log-ratio), k3 (Schulman).")
+    kl_in: str = _f("loss", "Where the KL goes: reward (subtracted from the score) or loss (added to it).")
+    credit: str = _f("sequence", "sequence (one advantage per completion) or token (reward-to-go).")
+    gamma: float = _f(1.0, "Discount for token-level returns.")
+    loss_agg: str = _f("token-mean", "Loss aggregation: " + ", ".join(LOSS_AGG_MODES) + ".")
+    updates_per_batch: int = _f(1, "Passes (epochs) over each batch of rollouts; >1 uses ratio clipping.")
+    minibatches: int = _f(1, "Optimiser steps per pass over a batch of rollouts.")
+    clip_eps: float = _f(0.2, "Ratio clipping epsilon, used when a batch is reused (off-policy updates).")
+    running_mean_decay: float = _f(0.9, "Decay of the running-mean baseline (estimator running_mean).")
+    reward_clip: float = _f(0.0, "Clip scores to [-x, x] before advantages (0 disables).")
+    sampling: str = _f(
+        "seeded", "seeded (per-prompt noise, same samples on any number of processes) or torch."
+    )
+    generation_backend: str = _f("native", "native (lean KV-cache loop) or hf (transformers generate).")
+    # PPO
+    critic_model: str = _f("", "PPO critic backbone (default: the first reward model, else the policy).")
+    critic_lr: float = _f(0.0, "PPO critic learning rate (default: 10x lr).")
+    vf_coef: float = _f(0.1, "PPO value-loss coefficient.")
+    value_clip_eps: float = _f(0.2, "PPO value clipping epsilon.")
+    lam: float = _f(0.95, "PPO GAE lambda.")
+    eval_prompts: str = _f("", "Held-out prompts scored every eval_every steps and at the end.")
+    eval_every: int = _f(0, "Evaluate on eval_prompts every N steps (0: only at the end).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.prompts:
+            raise ConfigError("prompts is required: pass --prompts FILE")
+        if not self.reward and not self.reward_model:
+            raise ConfigError("no reward: pass --reward FILE.py:FUNC and/or --reward-model DIR")
+        _choice(self, "algorithm", ("reinforce", "ppo"))
+        _choice(self, "estimator", ESTIMATORS)
+        _choice(self, "kl_estimator", ("k1", "k2", "k3"))
+        _choice(self, "kl_in", ("reward", "loss"))
+        _choice(self, "credit", ("sequence", "token"))
+        _choice(self, "loss_agg", LOSS_AGG_MODES)
+        _choice(self, "sampling", ("seeded", "torch"))
+        _choice(self, "generation_backend", ("native", "hf"))
+        _positive(self, "samples_per_prompt", "prompts_per_step", "max_new_tokens", "max_prompt_length")
+        _positive(self, "temperature", "updates_per_batch", "minibatches")
+        _positive(
+            self, "beta", "top_k", "clip_eps", "reward_clip", "critic_lr", "eval_every", allow_zero=True
+        )
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ConfigError("gamma and lam must be in [0, 1]")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward) + len(self.reward_model):
+            raise ConfigError(
+                f"reward_weights has {len(self.reward_weights)} values for "
+                f"{len(self.reward) + len(self.reward_model)} rewards"
+            )
+        if (
+            self.estimator in ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline")
+            and self.samples_per_prompt < 2
+        ):
+            raise ConfigError(f"estimator {self.estimator} needs samples_per_prompt >= 2 (a group baseline)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a config from defaults < YAML < flags.
+# ---------------------------------------------------------------------------------------------
+def field_type(cls, f: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(cls)
+    t = hints[f.name]
+    return list if typing.get_origin(t) is list or t is list else t
+
+
+def _coerce(cls, f: dataclasses.Field, value: Any, where: str) -> Any:
+    t = field_type(cls, f)
+    try:
+        if t is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if t is list:
+            items = value if isinstance(value, list | tuple) else [value]
+            return [float(v) if f.name == "reward_weights" else str(v) for v in items]
+        if t is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return t(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {f.name} expects {t.__name__}, got {value!r}") from None
+
+
+def build_config(cls, values: dict[str, Any], where: str = "config"):
+    """Make `cls` from a flat dict of values (YAML and/or flags), with typed coercion and checks."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            near = difflib.get_close_matches(name, fields, n=1, cutoff=0.5)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        kwargs[name] = _coerce(cls, fields[name], value, where)
+    return cls(**kwargs)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a flat YAML mapping of config keys, naming the file on any error."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+@dataclass
+class EvalConfig:
+    """`reinforce-lm eval`: mean reward of a model's completions on a prompts file."""
+
+    model: str = _f(
+        "", "Model to evaluate: a directory (a run's output directory works) or hub id.", required=True
+    )
+    prompts: str = _f("", "Prompts file.", required=True)
+    prompt_column: str = _f("prompt", "Column with the prompt text.")
+    messages_column: str = _f("messages", "Column with chat messages, rendered with the chat template.")
+    reward: list = _f([], "Reward function(s) as path/to/file.py:function or module:function.")
+    reward_model: list = _f([], "Learned reward model directory(ies).")
+    reward_weights: list = _f([], "Weights of the rewards, functions first then models (default 1 each).")
+    max_new_tokens: int = _f(64, "Maximum completion length in tokens.")
+    max_prompt_length: int = _f(512, "Prompts longer than this many tokens keep their last tokens.")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    top_p: float = _f(1.0, "Nucleus sampling threshold.")
+    top_k: int = _f(0, "Top-k sampling (0 disables).")
+    greedy: bool = _f(False, "Greedy decoding instead of sampling.")
+    show: int = _f(5, "How many sample completions to print.")
+    seed: int = _f(0, "Sampling seed.")
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto.")
+    dtype: str = _f("float32", "float32, bfloat16 or float16.")
+
+    def __post_init__(self) -> None:
+        if not self.model or not self.prompts:
+            raise ConfigError("eval needs --model and --prompts")
+        if not self.reward and not self.reward_model:
+            raise ConfigError("no reward: pass --reward FILE.py:FUNC and/or --reward-model DIR")
+        _positive(self, "max_new_tokens", "temperature")

@@ -1,0 +1,142 @@
+"""Loading models and tokenizers, freezing the reference, and per-token log-probs of chosen tokens."""
+
+from __future__ import annotations
+
+import inspect
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from reinforce_lm.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(path: str) -> str:
+    """A run's output directory stands for its latest checkpoint; anything else is passed through."""
+    p = Path(path)
+    if p.is_dir() and not (p / "config.json").exists() and (p / "latest").is_file():
+        return str(p / (p / "latest").read_text().strip())
+    return path
+
+
+def load_tokenizer(path: str, padding_side: str = "left"):
+    """The model's own tokenizer; a missing pad token falls back to EOS (common for decoder-only LMs)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
+    except OSError as e:
+        raise ConfigError(f"cannot load a tokenizer from {path!r}: {e}") from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ConfigError(f"tokenizer of {path!r} has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_causal_lm(path: str, dtype: str = "float32", device: torch.device | str = "cpu"):
+    """`AutoModelForCausalLM` from a local directory or hub id, in `dtype`, on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=DTYPES[dtype])
+    except OSError as e:
+        raise ConfigError(f"cannot load a causal LM from {path!r}: {e}") from None
+    return model.to(device)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode and no gradients, once and for all: the frozen reference (and reward models)."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@cache
+def _forward_params(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def cache_kwarg(model) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache`; speak whichever the model takes."""
+    return "cache" if "cache" in _forward_params(type(model)) else "past_key_values"
+
+
+def forward_kwargs(model, attention_mask: torch.Tensor, keep: int | None = None) -> dict:
+    """Position ids from the attention mask (left padding) and `logits_to_keep` where supported."""
+    params = _forward_params(type(model))
+    kw = {"attention_mask": attention_mask}
+    if "position_ids" in params:
+        kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if keep is not None and "logits_to_keep" in params:
+        kw["logits_to_keep"] = keep
+    return kw
+
+
+def selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """log softmax(logits)[tokens] without a float32 copy of the whole `[B, T, V]` tensor.
+
+    logits [B, T, V] (any dtype), tokens [B, T] -> [B, T] float32. Rows are processed `chunk` at a
+    time, so at most `[chunk, T, V]` is ever upcast.
+    """
+    out = []
+    for lg, tk in zip(logits.split(chunk), tokens.split(chunk), strict=True):
+        lg = lg.float()
+        out.append(lg.gather(-1, tk.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
+    return torch.cat(out)  # [B, T]
+
+
+@torch.no_grad()
+def entropy_from_logits(logits: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """Per-token entropy of softmax(logits): [B, T, V] -> [B, T] float32, chunked over rows."""
+    out = []
+    for lg in logits.split(chunk):
+        logp = F.log_softmax(lg.float(), dim=-1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(out)
+
+
+def response_logits(model, input_ids, attention_mask, n_response: int, temperature: float = 1.0):
+    """Logits that predict the last `n_response` tokens of `input_ids`: [B, n_response, V].
+
+    Only those positions go through the LM head (`logits_to_keep`), a large saving when the vocabulary
+    is big and prompts are long.
+    """
+    out = model(input_ids=input_ids, **forward_kwargs(model, attention_mask, keep=n_response + 1))
+    logits = out.logits[:, -(n_response + 1) : -1]  # [B, T, V]
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def token_logprobs(
+    model, input_ids, attention_mask, n_response: int, temperature: float = 1.0, entropy=False
+):
+    """Log-probs of the last `n_response` tokens of `input_ids` under `model`: [B, T] float32.
+
+    input_ids/attention_mask [B, L] = left-padded prompt + right-padded response. With `entropy`, also
+    returns the per-token entropy [B, T] (no gradient), for metrics.
+    """
+    logits = response_logits(model, input_ids, attention_mask, n_response, temperature)
+    logp = selective_log_softmax(logits, input_ids[:, -n_response:])
+    if entropy:
+        return logp, entropy_from_logits(logits.detach())
+    return logp
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Zero every dropout probability: the policy that is trained must be the policy that sampled.
+
+    With dropout on, the log-probs of the update differ from those of the sampler and the KL/ratio
+    terms pick up noise (the RLHF practice since Ziegler et al. 2019). Train mode is kept, so gradient
+    checkpointing still works.
+    """
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for key in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+    return model

@@ -1,0 +1,235 @@
+"""Prompts -> `Rollout`: the only module that samples.
+
+Two backends behind one interface, `sampler.sample(model, prompts, group_ids, k, row_seed) -> Rollout`:
+
+- `native` (default): a lean KV-cache loop. The prompt is prefilled once and its cache repeated K times
+  (not K prefills), only the last position goes through the LM head, and the log-prob of each sampled
+  token is kept (so no extra forward is needed for the KL-in-reward term or for old log-probs).
+  With `seeded=True` the sampling noise of each completion is a hash of (seed, step, prompt, k, t, token):
+  the samples do not depend on the batch layout, so a run is the same on 1 or N processes.
+- `hf`: `transformers`' `generate`, for models with exotic caches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from reinforce_lm.models import cache_kwarg, forward_kwargs
+
+
+@dataclass
+class Rollout:
+    """P prompts x K completions, groups contiguous. B = P*K, Lp prompt tokens, T response tokens."""
+
+    prompt_ids: torch.Tensor  # [B, Lp] left-padded
+    prompt_mask: torch.Tensor  # [B, Lp] long
+    response_ids: torch.Tensor  # [B, T] right-padded
+    response_mask: torch.Tensor  # [B, T] float: 1 up to and including EOS
+    group_ids: torch.Tensor  # [B] long
+    prompts: list[str]  # [B]
+    completions: list[str]  # [B]
+    logp: torch.Tensor | None = None  # [B, T] float32 log-probs at sampling time, if the backend has them
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)  # [B, Lp+T]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)  # [B, Lp+T]
+
+
+# splitmix64 constants as signed int64 (torch has no uint64 arithmetic; int64 products wrap mod 2^64).
+_M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_M2 = 0x94D049BB133111EB - (1 << 64)
+_GOLD = 0x9E3779B97F4A7C15 - (1 << 64)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser on int64 tensors (logical shifts emulated with masks)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _M1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _M2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def row_seeds(seed: int, step: int, group_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """One int64 seed per completion from (seed, step, prompt id, sample index): [P] -> [P*K]."""
+    g = group_ids.long().repeat_interleave(k)
+    j = torch.arange(k, dtype=torch.long).repeat(len(group_ids))
+    base = _mix(torch.tensor(seed, dtype=torch.long) + torch.tensor(step, dtype=torch.long) * _GOLD)
+    return _mix(_mix(base + g * _GOLD) + j)
+
+
+def _uniform(seeds: torch.Tensor, t: int, vocab: int) -> torch.Tensor:
+    """Counter-based uniforms in (0, 1): [B] seeds, position t -> [B, V] float32."""
+    x = (
+        _mix(seeds.unsqueeze(1) + torch.tensor(t, dtype=torch.long) * _GOLD)
+        + torch.arange(vocab, device=seeds.device) * _GOLD
+    )
+    x = (_mix(x) >> 40) & ((1 << 24) - 1)  # 24 random bits
+    return (x.float() + 0.5) / float(1 << 24)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then nucleus (top-p) filtering: [B, V] -> [B, V] with removed tokens at -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+class Sampler:
+    """Samples K completions per prompt; see the module docstring for the two backends."""
+
+    def __init__(
+        self,
+        tokenizer,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_prompt_length: int = 512,
+        backend: str = "native",
+        seeded: bool = True,
+    ):
+        self.tok = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.max_prompt_length = max_prompt_length
+        self.backend, self.seeded = backend, seeded
+        self.pad_id = tokenizer.pad_token_id
+
+    def eos_ids(self, model) -> list[int]:
+        ids = {self.tok.eos_token_id}
+        gen = getattr(model, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+        ids |= set(extra if isinstance(extra, list) else [extra])
+        return sorted(i for i in ids if i is not None)
+
+    def encode(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids, keeping the last `max_prompt_length` tokens; BOS added once."""
+        bos = self.tok.bos_token
+        add_special = not (bos and all(p.startswith(bos) for p in prompts))
+        self.tok.padding_side, self.tok.truncation_side = "left", "left"
+        enc = self.tok(
+            prompts,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.max_prompt_length,
+            add_special_tokens=add_special,
+        )
+        return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+    @torch.no_grad()
+    def sample(self, model, prompts, group_ids, k: int, row_seed=None, greedy: bool = False) -> Rollout:
+        """prompts: P texts, group_ids [P] -> Rollout of B = P*K completions (groups contiguous).
+
+        row_seed: [P*K] int64 from `row_seeds`, for seeded sampling; ignored when greedy.
+        """
+        device = next(model.parameters()).device
+        ids, mask = self.encode(list(prompts), device)  # [P, Lp]
+        was_training = model.training
+        model.eval()
+        try:
+            if self.backend == "hf":
+                resp, logp = self._hf(model, ids, mask, k, greedy), None
+            else:
+                resp, logp = self._native(model, ids, mask, k, row_seed, greedy)
+        finally:
+            model.train(was_training)
+        return self._finish(model, ids, mask, resp, logp, group_ids, prompts, k)
+
+    def _finish(self, model, ids, mask, resp, logp, group_ids, prompts, k) -> Rollout:
+        eos = torch.tensor(self.eos_ids(model), device=resp.device)
+        is_eos = torch.isin(resp, eos)
+        # valid = up to and including the first EOS
+        after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+        rmask = (~after).float()  # [B, T]
+        length = int(rmask.sum(1).max().item()) if rmask.numel() else 0
+        length = max(length, 1)
+        resp, rmask = resp[:, :length], rmask[:, :length]  # trim padding columns
+        resp = resp.masked_fill(rmask == 0, self.pad_id)
+        if logp is not None:
+            logp = logp[:, :length] * rmask
+        texts = [
+            self.tok.decode(r[m > 0], skip_special_tokens=True)
+            for r, m in zip(resp.cpu(), rmask.cpu(), strict=True)
+        ]
+        return Rollout(
+            prompt_ids=ids.repeat_interleave(k, 0),
+            prompt_mask=mask.repeat_interleave(k, 0),
+            response_ids=resp,
+            response_mask=rmask,
+            group_ids=group_ids.to(resp.device).repeat_interleave(k),
+            prompts=[p for p in prompts for _ in range(k)],
+            completions=texts,
+            logp=logp,
+        )
+
+    def _native(self, model, ids, mask, k, row_seed, greedy):
+        ckw = cache_kwarg(model)
+        out = model(input_ids=ids, use_cache=True, **forward_kwargs(model, mask, keep=1))
+        cache = out[ckw] if ckw in out else out.past_key_values
+        logits = out.logits[:, -1]  # [P, V]
+        if k > 1:  # one prefill per prompt; repeat its cache for the K samples
+            cache.batch_repeat_interleave(k)
+            logits, mask = logits.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+        B = logits.shape[0]
+        eos = torch.tensor(self.eos_ids(model), device=ids.device)
+        pos = mask.sum(1) - 1  # [B] position of the last prompt token
+        done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        tokens, logps = [], []
+        for t in range(self.max_new_tokens):
+            scaled = logits.float() / self.temperature  # [B, V]
+            if greedy:
+                tok = scaled.argmax(-1)
+            else:
+                filtered = filter_logits(scaled, self.top_k, self.top_p)
+                if self.seeded and row_seed is not None:
+                    u = _uniform(row_seed.to(ids.device), t, filtered.shape[-1])
+                    tok = (filtered - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max
+                else:
+                    tok = torch.multinomial(filtered.softmax(-1), 1).squeeze(1)
+            tok = tok.masked_fill(done, self.pad_id)
+            logps.append(scaled.log_softmax(-1).gather(1, tok[:, None]).squeeze(1))
+            tokens.append(tok)
+            done = done | torch.isin(tok, eos)
+            if bool(done.all()) or t == self.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            pos = pos + 1
+            kw = forward_kwargs(model, mask)
+            if "position_ids" in kw:
+                kw["position_ids"] = pos[:, None]
+            out = model(input_ids=tok[:, None], use_cache=True, **{ckw: cache}, **kw)
+            logits = out.logits[:, -1]
+        return torch.stack(tokens, 1), torch.stack(logps, 1)  # [B, T], [B, T]
+
+    def _hf(self, model, ids, mask, k, greedy):
+        from transformers import GenerationConfig
+
+        cfg = GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=not greedy,
+            temperature=self.temperature if not greedy else None,
+            top_p=self.top_p if not greedy else None,
+            top_k=(self.top_k or None) if not greedy else None,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids(model),
+        )
+        ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+        resp = out[:, ids.shape[1] :]
+        if resp.shape[1] == 0:
+            resp = torch.full((ids.shape[0], 1), self.pad_id, device=ids.device)
+        return resp

@@ -1,0 +1,261 @@
+"""The REINFORCE stage: rollouts -> rewards -> reference log-probs -> advantages -> policy-gradient loss.
+
+Every estimator of `algorithms.compute_advantages` is a name here, not a subclass. One step, as data:
+this rank's prompts -> K samples each (groups stay on one rank) -> scores -> frozen-reference log-probs
+under `inference_mode` -> detached advantages -> per-micro-batch loss normalised by the global count.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from reinforce_lm import algorithms as A
+from reinforce_lm.data import PromptData
+from reinforce_lm.distributed import Dist, unwrap
+from reinforce_lm.models import token_logprobs
+from reinforce_lm.rewards import RewardSet
+from reinforce_lm.rollout import Rollout, Sampler, row_seeds
+
+
+def epoch_indices(n: int, start: int, count: int, seed: int) -> torch.Tensor:
+    """Positions start..start+count of an endless stream of seeded permutations of range(n)."""
+    out, pos = [], start
+    while len(out) < count:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        take = perm[offset : offset + count - len(out)].tolist()
+        out += take
+        pos += len(take)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def trim(batch: dict[str, torch.Tensor], n_prompt: int) -> dict[str, torch.Tensor]:
+    """Drop all-padding columns: left of the prompts and right of the responses of this micro-batch."""
+    mask = batch["mask"]
+    t = max(1, int(mask.sum(1).max().item()))
+    first = int((batch["attention_mask"][:, :n_prompt].sum(0) > 0).long().argmax().item())
+    out = {}
+    for k, v in batch.items():
+        if v.dim() == 2 and k in ("input_ids", "attention_mask"):
+            out[k] = v[:, first : n_prompt + t]
+        elif v.dim() == 2:
+            out[k] = v[:, :t]
+        else:
+            out[k] = v
+    return out
+
+
+class ReinforceStage:
+    def __init__(
+        self,
+        cfg,
+        policy,
+        tokenizer,
+        reference,
+        rewards: RewardSet,
+        prompts: PromptData,
+        d: Dist,
+        eval_prompts: PromptData | None = None,
+    ):
+        self.cfg, self.policy, self.tokenizer, self.reference = cfg, policy, tokenizer, reference
+        self.rewards, self.prompts, self.d, self.eval_prompts = rewards, prompts, d, eval_prompts
+        self.updates_per_batch, self.minibatches = cfg.updates_per_batch, cfg.minibatches
+        self.sampler = Sampler(
+            tokenizer,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_p,
+            cfg.top_k,
+            cfg.max_prompt_length,
+            backend=cfg.generation_backend,
+            seeded=cfg.sampling == "seeded",
+        )
+        self.running_mean = A.RunningMean(cfg.running_mean_decay)
+        self.off_policy = cfg.updates_per_batch > 1 or cfg.minibatches > 1
+        if cfg.prompts_per_step % d.world_size:
+            raise ValueError(
+                f"prompts_per_step={cfg.prompts_per_step} must divide by {d.world_size} processes"
+            )
+
+    # -- the loop's interface ------------------------------------------------------------------
+    def param_groups(self):
+        return [("policy", self.policy, self.cfg.lr)]
+
+    def state_dict(self) -> dict:
+        return {"running_mean": self.running_mean.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.running_mean.load_state_dict(state["running_mean"])
+
+    def score(self, r: Rollout, columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ids = [
+            row[m > 0].tolist() for row, m in zip(r.response_ids.cpu(), r.response_mask.cpu(), strict=True)
+        ]
+        total, parts = self.rewards(r.prompts, r.completions, ids, columns)
+        if self.cfg.reward_clip:
+            total = total.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
+        return total.to(r.response_mask.device), parts
+
+    def _columns(self, data: PromptData, idx: torch.Tensor, k: int) -> dict[str, list]:
+        return {name: [col[i] for i in idx.tolist() for _ in range(k)] for name, col in data.columns.items()}
+
+    @torch.no_grad()
+    def collect(self, step: int):
+        cfg, d = self.cfg, self.d
+        P = cfg.prompts_per_step // d.world_size
+        K = cfg.samples_per_prompt
+        positions = torch.arange(step * cfg.prompts_per_step, (step + 1) * cfg.prompts_per_step)
+        positions = positions[d.rank * P : (d.rank + 1) * P]  # this rank's prompts; groups never split
+        idx = epoch_indices(len(self.prompts), int(positions[0]), P, cfg.seed)
+        texts = [self.prompts.texts[i] for i in idx.tolist()]
+        columns = self._columns(self.prompts, idx, K)
+        policy = unwrap(self.policy)
+
+        t0 = time.perf_counter()
+        r = self.sampler.sample(policy, texts, positions, K, row_seeds(cfg.seed, step, positions, K))
+        greedy = None
+        if cfg.estimator == "remax":  # ReMax: the greedy completion's score is the baseline
+            greedy = self.sampler.sample(policy, texts, positions, 1, greedy=True)
+        t1 = time.perf_counter()
+        scores, parts = self.score(r, columns)
+        baseline = None
+        if greedy is not None:
+            baseline = self.score(greedy, self._columns(self.prompts, idx, 1))[0].repeat_interleave(K)
+        t2 = time.perf_counter()
+
+        mask, T = r.response_mask, r.response_ids.shape[1]
+        ids, attn = r.input_ids, r.attention_mask
+        old_logp = r.logp
+        if old_logp is None and (self.off_policy or (cfg.beta > 0 and cfg.kl_in == "reward")):
+            old_logp = token_logprobs(policy, ids, attn, T, cfg.temperature) * mask
+        ref_logp = None
+        if self.reference is not None:
+            with torch.inference_mode():
+                ref_logp = token_logprobs(self.reference, ids, attn, T, cfg.temperature).clone() * mask
+        t3 = time.perf_counter()
+
+        rewards, token_rewards, kl = scores, None, None
+        if ref_logp is not None and old_logp is not None:
+            kl = A.kl_divergence(old_logp, ref_logp, cfg.kl_estimator) * mask  # [B, T]
+        if cfg.beta > 0 and cfg.kl_in == "reward":
+            if cfg.credit == "token":
+                token_rewards = -cfg.beta * kl
+            else:
+                rewards = scores - cfg.beta * kl.sum(1)
+        if cfg.credit == "token" and token_rewards is None:
+            token_rewards = torch.zeros_like(mask)
+        adv = A.compute_advantages(
+            cfg.estimator,
+            rewards=rewards,
+            mask=mask,
+            group_ids=r.group_ids,
+            baseline_rewards=baseline,
+            gamma=cfg.gamma,
+            token_rewards=token_rewards,
+            running_mean=self.running_mean,
+            reduce_sum=d.reduce_sum,
+        )
+        batch = {"input_ids": ids, "attention_mask": attn, "mask": mask, "advantages": adv}
+        if self.off_policy:
+            batch["old_logp"] = old_logp
+        if ref_logp is not None and cfg.kl_in == "loss":
+            batch["ref_logp"] = ref_logp
+        self._n_prompt = r.prompt_ids.shape[1]
+        return batch, self._metrics(r, scores, parts, kl, t0, t1, t2, t3)
+
+    def _metrics(self, r, scores, parts, kl, t0, t1, t2, t3) -> dict[str, float]:
+        d, mask = self.d, r.response_mask
+        n = d.reduce_sum(torch.tensor(float(len(scores)), dtype=torch.double))
+        s1 = d.reduce_sum(scores.double().sum())
+        s2 = d.reduce_sum((scores.double() ** 2).sum())
+        mean = s1 / n
+        std = ((s2 - n * mean**2) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
+        lengths = mask.sum(1).double()
+        tokens = d.reduce_sum(lengths.sum())
+        m = {
+            "reward_mean": mean.item(),
+            "reward_std": std.item(),
+            "response_length": (tokens / n).item(),
+            "completion_tokens": tokens.item(),
+            "generate_seconds": t1 - t0,
+            "score_seconds": t2 - t1,
+            "reference_seconds": t3 - t2,
+        }
+        for name, v in parts.items():
+            m[f"reward/{name}"] = (d.reduce_sum(v.double().sum()) / n).item()
+        if kl is not None:
+            m["kl"] = (d.reduce_sum(kl.double().sum()) / tokens.clamp(min=1)).item()
+        clipped = (lengths >= self.cfg.max_new_tokens).double().sum()
+        m["clipped_ratio"] = (d.reduce_sum(clipped) / n).item()
+        return m
+
+    def loss(self, micro, normalizer):
+        cfg = self.cfg
+        micro = trim(micro, self._n_prompt)
+        mask, T = micro["mask"], micro["mask"].shape[1]
+        norm = normalizer["tokens"] if cfg.loss_agg == "token-mean" else normalizer["seqs"]
+        logp, entropy = token_logprobs(
+            self.policy, micro["input_ids"], micro["attention_mask"], T, cfg.temperature, entropy=True
+        )
+        old = micro.get("old_logp")
+        pg = A.policy_gradient_loss(
+            logp,
+            micro["advantages"],
+            mask,
+            cfg.loss_agg,
+            old_logp=old,
+            clip_eps=cfg.clip_eps if old is not None else None,
+            normalizer=norm,
+            max_len=cfg.max_new_tokens,
+        )
+        loss = pg
+        tok = normalizer["tokens"]
+        metrics = {"pg_loss": pg.item(), "entropy": ((entropy * mask).sum() / tok).item()}
+        if "ref_logp" in micro and cfg.beta > 0:
+            kl = A.kl_divergence(logp, micro["ref_logp"], cfg.kl_estimator)
+            kl_loss = A.aggregate_loss(kl, mask, cfg.loss_agg, normalizer=norm, max_len=cfg.max_new_tokens)
+            loss = loss + cfg.beta * kl_loss
+            metrics["kl_loss"] = kl_loss.item()
+        if old is not None:
+            metrics["clip_fraction"] = (
+                A.clip_fraction(logp, old, mask, cfg.clip_eps) * mask.sum() / tok
+            ).item()
+        metrics["loss"] = loss.item()
+        return loss, metrics
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_prompts is None:
+            return {}
+        scores = evaluate_policy(
+            unwrap(self.policy), self.sampler, self.rewards, self.eval_prompts, self.cfg.seed, self.d
+        )[0]
+        return {"eval_reward_mean": scores}
+
+
+@torch.no_grad()
+def evaluate_policy(
+    policy, sampler: Sampler, rewards: RewardSet, data: PromptData, seed: int, d: Dist, batch=32, greedy=False
+):
+    """Mean reward of one seeded sample per prompt of `data` (this rank's share, reduced).
+
+    Returns (mean reward, list of (prompt, completion, score) for this rank's prompts).
+    """
+    n = len(data)
+    mine = torch.arange(n)[d.rank :: d.world_size]
+    total, rows = torch.zeros((), dtype=torch.double), []
+    for chunk in mine.split(batch):
+        texts = [data.texts[i] for i in chunk.tolist()]
+        cols = {name: [col[i] for i in chunk.tolist()] for name, col in data.columns.items()}
+        r = sampler.sample(policy, texts, chunk, 1, row_seeds(seed, -1, chunk, 1), greedy=greedy)
+        ids = [
+            row[m > 0].tolist() for row, m in zip(r.response_ids.cpu(), r.response_mask.cpu(), strict=True)
+        ]
+        s, _ = rewards(r.prompts, r.completions, ids, cols)
+        total += s.double().sum()
+        rows += list(zip(r.prompts, r.completions, s.tolist(), strict=True))
+    mean = (d.reduce_sum(total) / n).item()
+    return mean, rows

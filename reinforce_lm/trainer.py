@@ -1,0 +1,223 @@
+"""The one training loop. SFT, reward-model training, REINFORCE (every estimator) and PPO plug into it.
+
+    collect -> (passes x minibatches x micro-batches: loss -> backward) -> clip -> step -> log -> save
+
+A stage (see `Stage`) owns its models and data; this loop owns the optimisers, schedules, gradient
+accumulation, clipping, checkpoints, metrics and Ctrl-C. It reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from typing import Protocol
+
+import torch
+
+from reinforce_lm import checkpoint
+from reinforce_lm.config import EngineConfig
+from reinforce_lm.distributed import Dist, no_sync
+from reinforce_lm.metrics import MetricsLogger
+
+Batch = dict[str, torch.Tensor]  # every tensor has the batch dimension first
+
+
+class Stage(Protocol):
+    """What a stage provides to the loop."""
+
+    updates_per_batch: int  # passes over each collected batch
+    minibatches: int  # optimiser steps per pass
+    tokenizer: object
+
+    def param_groups(self) -> list[tuple[str, torch.nn.Module, float]]:
+        """(name, trainable module, learning rate); one AdamW each. 'policy' is saved at the top level."""
+
+    def collect(self, step: int) -> tuple[Batch, dict[str, float]]:
+        """This rank's batch for `step` (rollouts, or a batch of examples) and its metrics."""
+
+    def loss(
+        self, micro: Batch, normalizer: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one micro-batch, already divided by the global `normalizer` ('tokens', 'seqs') so that
+        summing over micro-batches and processes gives the minibatch loss. Metrics are additive likewise."""
+
+    def evaluate(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def lr_lambda(cfg: EngineConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return f
+
+
+def split(batch: Batch, index: torch.Tensor, parts: int) -> list[Batch]:
+    """Rows `index` of `batch` cut into `parts` nearly equal pieces (empty pieces dropped)."""
+    return [{k: v[i] for k, v in batch.items()} for i in index.tensor_split(parts) if len(i)]
+
+
+class GracefulInterrupt:
+    """First Ctrl-C asks the loop to stop after the current step (and checkpoint); the second is immediate."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.getsignal(signal.SIGINT)
+        try:
+            signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step and writing a checkpoint (Ctrl-C again to abort)", flush=True)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
+    """Run `cfg.steps` steps of `stage`. Returns {'step', 'interrupted', 'checkpoint'}."""
+    groups = stage.param_groups()
+    optimizers = [
+        torch.optim.AdamW(
+            [p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=cfg.weight_decay
+        )
+        for _, module, lr in groups
+    ]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)) for o in optimizers]
+    start = 0
+    if resume_from is not None:
+        state = checkpoint.load_state(resume_from)
+        for o, s in zip(optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
+        for sc, s in zip(schedulers, state["schedulers"], strict=True):
+            sc.load_state_dict(s)
+        checkpoint.set_rng_state(state["rng"])
+        stage.load_state_dict(state["stage"])
+        start = state["step"]
+
+    def save(step: int):
+        state = {
+            "optimizers": [o.state_dict() for o in optimizers],
+            "schedulers": [s.state_dict() for s in schedulers],
+            "rng": checkpoint.rng_state(),
+            "stage": stage.state_dict(),
+            "world_size": d.world_size,
+        }
+        path = None
+        if d.is_main:
+            models = {name: _unwrap(m) for name, m, _ in groups}
+            path = checkpoint.save_checkpoint(
+                cfg.output_dir, step, models, stage.tokenizer, state, cfg.keep_checkpoints
+            )
+        d.barrier()
+        return path
+
+    logger = MetricsLogger(cfg.output_dir, cfg.steps, start, enabled=d.is_main, progress=cfg.progress)
+    modules = [m for _, m, _ in groups]
+    step, last_saved, interrupted = start, None, False
+    with GracefulInterrupt() as interrupt:
+        for step in range(start + 1, cfg.steps + 1):
+            t_step = time.perf_counter()
+            batch, metrics = stage.collect(step - 1)
+            t_update = time.perf_counter()
+            sums: dict[str, float] = {}
+            n_updates = 0
+            n = next(iter(batch.values())).shape[0]
+            order_gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
+            for epoch in range(stage.updates_per_batch):
+                index = torch.arange(n) if epoch == 0 else torch.randperm(n, generator=order_gen)
+                for mb in split(batch, index, stage.minibatches):
+                    normalizer = {
+                        "tokens": d.reduce_sum(mb["mask"].sum().double()).clamp(min=1),
+                        "seqs": d.reduce_sum(torch.tensor(float(mb["mask"].shape[0]), dtype=torch.double)),
+                    }
+                    micros = split(
+                        mb, torch.arange(len(mb["mask"])), -(-len(mb["mask"]) // cfg.micro_batch_size)
+                    )
+                    for i, micro in enumerate(micros):
+                        last = i == len(micros) - 1
+                        with no_sync_all(modules, skip=not last):
+                            loss, m = stage.loss(micro, normalizer)
+                            # DDP averages gradients over processes, but the loss is already divided
+                            # by the global count: scale back so the gradient is the global sum.
+                            (loss * d.world_size).backward()
+                        for k, v in m.items():
+                            sums[k] = sums.get(k, 0.0) + float(v)
+                    for (name, module, _), opt in zip(groups, optimizers, strict=True):
+                        if cfg.max_grad_norm > 0:
+                            gn = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+                        else:
+                            gn = _grad_norm(module)
+                        key = "grad_norm" if name == "policy" else f"grad_norm_{name}"
+                        sums[key] = sums.get(key, 0.0) + float(gn)
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                    n_updates += 1
+            for s in schedulers:
+                s.step()
+            reduced = {k: v for k, v in sums.items() if not k.startswith("grad_norm")}
+            reduced = {
+                k: d.reduce_sum(torch.tensor(v, dtype=torch.double)).item() / n_updates
+                for k, v in reduced.items()
+            }
+            metrics.update(reduced)
+            metrics.update({k: v / n_updates for k, v in sums.items() if k.startswith("grad_norm")})
+            metrics["lr"] = schedulers[0].get_last_lr()[0]
+            metrics["backward_seconds"] = time.perf_counter() - t_update
+            metrics["step_seconds"] = time.perf_counter() - t_step
+            if "completion_tokens" in metrics:
+                metrics["tokens_per_second"] = metrics["completion_tokens"] / metrics["step_seconds"]
+            if getattr(cfg, "eval_every", 0) and step % cfg.eval_every == 0 and step != cfg.steps:
+                metrics.update(stage.evaluate())
+            if step == cfg.steps:
+                metrics.update(stage.evaluate())
+            logger.log(step, metrics)
+            if interrupt.requested:
+                interrupted = True
+                break
+            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
+                last_saved = save(step)
+    logger.close()
+    if step > start or resume_from is None or interrupted:
+        last_saved = save(step)
+    return {"step": step, "interrupted": interrupted, "checkpoint": last_saved}
+
+
+def no_sync_all(modules, skip: bool):
+    """Enter `no_sync` of every DDP-wrapped module at once."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    for m in modules:
+        stack.enter_context(no_sync(m, skip))
+    return stack
+
+
+def _grad_norm(module) -> torch.Tensor:
+    norms = [p.grad.detach().norm() for p in module.parameters() if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.tensor(0.0)
+
+
+def _unwrap(model):
+    from reinforce_lm.distributed import unwrap
+
+    return unwrap(model)
