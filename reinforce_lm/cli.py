@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -11,15 +12,24 @@ from pathlib import Path
 from reinforce_lm.config import EvalConfig, TrainConfig, build_config, field_type, load_yaml
 from reinforce_lm.errors import ConfigError, ReinforceLMError
 
-COMMANDS: dict[str, tuple[type, str]] = {
-    "train": (TrainConfig, "RL fine-tuning: REINFORCE estimators (--estimator) or PPO (--algorithm ppo)."),
-    "eval": (EvalConfig, "Mean reward of a model's completions on a prompts file, with samples."),
+# name -> (config class, help, "module:function" that takes the config and returns an exit code)
+COMMANDS: dict[str, tuple[type, str, str]] = {
+    "train": (
+        TrainConfig,
+        "RL fine-tuning: REINFORCE estimators (--estimator) or PPO (--algorithm ppo).",
+        "reinforce_lm.runner:run_train",
+    ),
+    "eval": (
+        EvalConfig,
+        "Mean reward of a model's completions on a prompts file, with samples.",
+        "reinforce_lm.runner:run_eval",
+    ),
 }
 
 
-def register(name: str, cls: type, help: str) -> None:
-    """Stages add their sub-command here (SFT, reward model)."""
-    COMMANDS[name] = (cls, help)
+def register(name: str, cls: type, help: str, run: str) -> None:
+    """Stages add their sub-command here (SFT, reward model): `run` is "module:function"."""
+    COMMANDS[name] = (cls, help, run)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
@@ -61,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"reinforce-lm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (cls, help) in COMMANDS.items():
+    for name, (cls, help, _) in COMMANDS.items():
         add_config_flags(sub.add_parser(name, help=help, description=help), cls)
     demo = sub.add_parser("demo", help="Train a tiny local model on a built-in task and show reward rising.")
     demo.add_argument("--output-dir", default=None, help="Keep the demo's files here (default: a temp dir).")
@@ -74,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     _load_stage_commands()
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     _quiet_transformers()
     try:
         if args.command == "demo":
@@ -81,11 +92,10 @@ def main(argv: list[str] | None = None) -> None:
 
             run_demo(output_dir=args.output_dir, steps=args.steps, seed=args.seed)
             return
-        cls, _ = COMMANDS[args.command]
+        cls, _, run = COMMANDS[args.command]
         cfg = parse_config(cls, args)
-        from reinforce_lm import runner
-
-        code = getattr(runner, f"run_{args.command}")(cfg)
+        module, func = run.split(":")
+        code = getattr(importlib.import_module(module), func)(cfg)
     except ReinforceLMError as e:
         print(f"reinforce-lm {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
