@@ -8,6 +8,7 @@ under `inference_mode` -> detached advantages -> per-micro-batch loss normalised
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -45,6 +46,19 @@ def trim(batch: dict[str, torch.Tensor], n_prompt: int) -> dict[str, torch.Tenso
         else:
             out[k] = v
     return out
+
+
+@dataclass
+class Scored:
+    """One step's rollouts, scored, with the log-probs that advantages need. B sequences, T tokens."""
+
+    rollout: Rollout
+    scores: torch.Tensor  # [B] after reward_clip
+    parts: dict[str, torch.Tensor]  # [B] each reward function's score
+    old_logp: torch.Tensor | None  # [B, T] sampling policy, masked
+    ref_logp: torch.Tensor | None  # [B, T] frozen reference, masked
+    baseline: torch.Tensor | None  # [B] ReMax: the greedy completion's score
+    times: tuple[float, float, float, float]  # perf_counter at sample, score, reference, done
 
 
 class ReinforceStage:
@@ -102,7 +116,11 @@ class ReinforceStage:
         return {name: [col[i] for i in idx.tolist() for _ in range(k)] for name, col in data.columns.items()}
 
     @torch.no_grad()
-    def collect(self, step: int):
+    def sample_and_score(self, step: int, need_old_logp: bool, greedy_baseline: bool = False) -> Scored:
+        """This rank's prompts for `step` -> K samples each -> scores -> old and reference log-probs.
+
+        Everything an estimator (or PPO) needs before advantages; shared so PPO composes, not copies.
+        """
         cfg, d = self.cfg, self.d
         P = cfg.prompts_per_step // d.world_size
         K = cfg.samples_per_prompt
@@ -116,7 +134,7 @@ class ReinforceStage:
         t0 = time.perf_counter()
         r = self.sampler.sample(policy, texts, positions, K, row_seeds(cfg.seed, step, positions, K))
         greedy = None
-        if cfg.estimator == "remax":  # ReMax: the greedy completion's score is the baseline
+        if greedy_baseline:  # ReMax: the greedy completion's score is the baseline
             greedy = self.sampler.sample(policy, texts, positions, 1, greedy=True)
         t1 = time.perf_counter()
         scores, parts = self.score(r, columns)
@@ -128,13 +146,23 @@ class ReinforceStage:
         mask, T = r.response_mask, r.response_ids.shape[1]
         ids, attn = r.input_ids, r.attention_mask
         old_logp = r.logp
-        if old_logp is None and (self.off_policy or (cfg.beta > 0 and cfg.kl_in == "reward")):
+        if old_logp is None and need_old_logp:
             old_logp = token_logprobs(policy, ids, attn, T, cfg.temperature) * mask
         ref_logp = None
         if self.reference is not None:
             with torch.inference_mode():
                 ref_logp = token_logprobs(self.reference, ids, attn, T, cfg.temperature).clone() * mask
         t3 = time.perf_counter()
+        self._n_prompt = r.prompt_ids.shape[1]
+        return Scored(r, scores, parts, old_logp, ref_logp, baseline, (t0, t1, t2, t3))
+
+    @torch.no_grad()
+    def collect(self, step: int):
+        cfg, d = self.cfg, self.d
+        need_old = self.off_policy or (cfg.beta > 0 and cfg.kl_in == "reward")
+        s = self.sample_and_score(step, need_old, greedy_baseline=cfg.estimator == "remax")
+        r, scores, old_logp, ref_logp, baseline = s.rollout, s.scores, s.old_logp, s.ref_logp, s.baseline
+        mask, ids, attn = r.response_mask, r.input_ids, r.attention_mask
 
         rewards, token_rewards, kl = scores, None, None
         if ref_logp is not None and old_logp is not None:
@@ -162,11 +190,12 @@ class ReinforceStage:
             batch["old_logp"] = old_logp
         if ref_logp is not None and cfg.kl_in == "loss":
             batch["ref_logp"] = ref_logp
-        self._n_prompt = r.prompt_ids.shape[1]
-        return batch, self._metrics(r, scores, parts, kl, t0, t1, t2, t3)
+        return batch, self.step_metrics(s, kl)
 
-    def _metrics(self, r, scores, parts, kl, t0, t1, t2, t3) -> dict[str, float]:
-        d, mask = self.d, r.response_mask
+    def step_metrics(self, s: Scored, kl: torch.Tensor | None) -> dict[str, float]:
+        """Reward, length, KL and timing metrics of one step, reduced over processes."""
+        d, r, scores, parts, (t0, t1, t2, t3) = self.d, s.rollout, s.scores, s.parts, s.times
+        mask = r.response_mask
         n = d.reduce_sum(torch.tensor(float(len(scores)), dtype=torch.double))
         s1 = d.reduce_sum(scores.double().sum())
         s2 = d.reduce_sum((scores.double() ** 2).sum())
