@@ -1,0 +1,211 @@
+"""The SFT stage: token-mean cross-entropy on completion (or assistant-turn) tokens, in the one loop.
+
+One step, as data: the next `batch_size` examples of an endless stream of seeded permutations (the
+position is derived from the step, so resume is exact and N processes read what one reads) -> this
+rank's share, right-padded -> per micro-batch, the summed cross-entropy of the labelled tokens divided
+by the GLOBAL label-token count, so micro-batching and processes change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from reinforce_lm import distributed
+from reinforce_lm.cli import register
+from reinforce_lm.config import EngineConfig, _f, _positive
+from reinforce_lm.data import IGNORE_INDEX, collate_sft, load_sft, pack_sft, split_eval
+from reinforce_lm.distributed import Dist, unwrap
+from reinforce_lm.errors import ConfigError
+from reinforce_lm.metrics import MetricsLogger
+from reinforce_lm.stages.reinforce import epoch_indices
+
+
+@dataclass
+class SFTConfig(EngineConfig):
+    """`reinforce-lm sft`: supervised fine-tuning on prompt/completion or messages rows."""
+
+    data: str = _f(
+        "",
+        "Training file: `prompt`/`completion` text columns (loss on the completion) or a `messages` "
+        "column (loss on assistant turns). JSONL, CSV, Parquet, JSON or a saved datasets directory.",
+        required=True,
+    )
+    eval_data: str = _f("", "Held-out file in the same format (default: eval_fraction of --data).")
+    eval_fraction: float = _f(0.05, "Share of --data held out for eval_loss when --eval-data is not given.")
+    eval_every: int = _f(0, "Report eval_loss every N steps (0: once per epoch of the data, and at the end).")
+    batch_size: int = _f(16, "Examples per optimiser step, over all processes.")
+    max_length: int = _f(1024, "Longest example in tokens (and the packed chunk length).")
+    truncate: bool = _f(True, "Cut over-long examples from the right (--no-truncate skips them).")
+    packing: bool = _f(False, "Concatenate training examples into max_length chunks (no padding).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.data:
+            raise ConfigError("data is required: pass --data FILE")
+        _positive(self, "batch_size", "max_length")
+        _positive(self, "eval_every", allow_zero=True)
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+def shifted_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Which next-token predictions carry loss: labels [B, L] -> float mask [B, L-1]."""
+    return (labels[:, 1:] != IGNORE_INDEX).float()
+
+
+def sum_nll(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of the labelled next tokens and their count (scalars). Padding columns of
+    this micro-batch are dropped first; logits are upcast to float32 once."""
+    width = max(2, int(attention_mask.sum(1).max().item()))
+    input_ids, attention_mask, labels = input_ids[:, :width], attention_mask[:, :width], labels[:, :width]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # [B, L-1, V]
+    target = labels[:, 1:]  # [B, L-1]
+    nll = F.cross_entropy(
+        logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return nll, (target != IGNORE_INDEX).sum()
+
+
+class SFTStage:
+    updates_per_batch = 1
+    minibatches = 1
+
+    def __init__(
+        self, cfg: SFTConfig, model, tokenizer, train: list[dict], eval_examples: list[dict], d: Dist
+    ):
+        if cfg.batch_size % d.world_size:
+            raise ConfigError(f"batch_size={cfg.batch_size} must divide by {d.world_size} processes")
+        self.cfg, self.model, self.tokenizer, self.d = cfg, model, tokenizer, d
+        self.train, self.eval_examples = train, eval_examples
+        self.pad_id = tokenizer.pad_token_id
+
+    def param_groups(self):
+        return [("policy", self.model, self.cfg.lr)]
+
+    def state_dict(self) -> dict:
+        return {}  # the data position is a function of the step
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def collect(self, step: int):
+        cfg, d = self.cfg, self.d
+        per_rank = cfg.batch_size // d.world_size
+        idx = epoch_indices(len(self.train), step * cfg.batch_size + d.rank * per_rank, per_rank, cfg.seed)
+        batch = collate_sft([self.train[i] for i in idx.tolist()], self.pad_id)
+        batch["mask"] = shifted_mask(batch["labels"])  # [B, L-1]: the loop's token count
+        batch = {k: v.to(d.device) for k, v in batch.items()}
+        tokens = d.reduce_sum(batch["mask"].sum().double()).item()
+        return batch, {"train_tokens": tokens, "epoch": (step + 1) * cfg.batch_size / len(self.train)}
+
+    def loss(self, micro, normalizer):
+        nll, _ = sum_nll(self.model, micro["input_ids"], micro["attention_mask"], micro["labels"])
+        loss = nll / normalizer["tokens"]
+        return loss, {"loss": loss.item()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_examples:
+            return {}
+        model = unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        d = self.d
+        mine = self.eval_examples[d.rank :: d.world_size]
+        total = torch.zeros((), dtype=torch.double, device=d.device)
+        count = torch.zeros((), dtype=torch.double, device=d.device)
+        for s in range(0, len(mine), self.cfg.micro_batch_size):
+            b = collate_sft(mine[s : s + self.cfg.micro_batch_size], self.pad_id)
+            b = {k: v.to(d.device) for k, v in b.items()}
+            nll, n = sum_nll(model, b["input_ids"], b["attention_mask"], b["labels"])
+            total += nll.double()
+            count += n.double()
+        model.train(was_training)
+        loss = (d.reduce_sum(total) / d.reduce_sum(count).clamp(min=1)).item()
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def load_sft_splits(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    """Training and held-out examples. Data errors (missing column, empty completion) and warnings
+    (over-long rows truncated or skipped, naming the rows) come from here, before any model is loaded."""
+    examples = load_sft(cfg.data, tokenizer, cfg.max_length, truncate=cfg.truncate)
+    if cfg.eval_data:
+        train, held_out = examples, load_sft(cfg.eval_data, tokenizer, cfg.max_length, cfg.truncate)
+    else:
+        train, held_out = split_eval(examples, cfg.eval_fraction, cfg.seed)
+    if cfg.packing:
+        train = pack_sft(train, cfg.max_length)
+    return train, held_out
+
+
+def resolve_eval_every(cfg, n_train: int):
+    """eval_every=0 means once per epoch of the training data (the loop also evaluates at the end)."""
+    import dataclasses
+
+    if cfg.eval_every:
+        return cfg
+    return dataclasses.replace(cfg, eval_every=max(1, math.ceil(n_train / cfg.batch_size)))
+
+
+def log_initial_eval(stage, cfg, d: Dist) -> dict[str, float]:
+    """Evaluate the starting model and log it as step 0 of metrics.jsonl (kept by the loop's logger)."""
+    metrics = stage.evaluate()
+    if metrics:
+        logger = MetricsLogger(cfg.output_dir, cfg.steps, 0, enabled=d.is_main, progress=False)
+        logger.log(0, metrics)
+        logger.close()
+        if d.is_main:
+            print("before training: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+def write_config(cfg, d: Dist) -> None:
+    """The run's options as `run_config.json`: not `config.json`, which would make the output directory
+    look like a model directory to `models.resolve_model_path` (so `--model OUT` would not resolve)."""
+    if d.is_main:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        text = json.dumps(vars(cfg), indent=2, default=str)
+        (Path(cfg.output_dir) / "run_config.json").write_text(text)
+
+
+def run_sft(cfg: SFTConfig) -> int:
+    """`reinforce-lm sft`; also the Python entry point. Returns an exit code (130 when interrupted)."""
+    from reinforce_lm.models import load_tokenizer
+    from reinforce_lm.runner import load_policy, prepare_output, seed_everything
+    from reinforce_lm.trainer import fit
+
+    d = distributed.setup(cfg.device)
+    try:
+        seed_everything(cfg.seed)
+        resume = prepare_output(cfg)
+        tokenizer = load_tokenizer(str(resume) if resume else cfg.model)
+        train, held_out = load_sft_splits(cfg, tokenizer)
+        cfg = resolve_eval_every(cfg, len(train))
+        if d.is_main:
+            print(f"sft: {len(train)} training and {len(held_out)} held-out examples")
+        model = distributed.wrap(load_policy(cfg, d, str(resume) if resume else cfg.model), d)
+        stage = SFTStage(cfg, model, tokenizer, train, held_out, d)
+        write_config(cfg, d)
+        if resume is None:
+            log_initial_eval(stage, cfg, d)
+        result = fit(stage, cfg, d, resume_from=resume)
+        if d.is_main:
+            what = "interrupted; checkpoint" if result["interrupted"] else "done; model"
+            print(f"{what} at {result['checkpoint']} (step {result['step']}); pass --model {cfg.output_dir}")
+        return 130 if result["interrupted"] else 0
+    finally:
+        distributed.teardown()
+
+
+register(
+    "sft",
+    SFTConfig,
+    "Supervised fine-tuning on prompt/completion or chat data.",
+    "reinforce_lm.stages.sft:run_sft",
+)
