@@ -1,0 +1,285 @@
+"""reinforce-lm against TRL's GRPOTrainer and RLOOTrainer on identical work, side by side in one run.
+
+    /work/benchvenv/bin/python bench/vs_trl.py                      # defaults: < ~10 min on 2 CPU cores
+    /work/benchvenv/bin/python bench/vs_trl.py --models medium --steps 6 --repeats 3 --betas 0 0.05
+
+TRL is a bench-only dependency: run this with a Python that has `trl` installed next to reinforce-lm
+(see bench/README in the project README). Every (model, trainer) run is a fresh subprocess, so its peak
+RSS is its own; runs are interleaved (r-lm, TRL, r-lm, TRL, ...) over `--repeats` and the medians kept,
+because the CPU is shared. Identical work for both: the same model directory (bench/common.py), the same
+prompts of one fixed token length, P prompts x K samples per step, completions of exactly T tokens
+(EOS cannot be sampled, see bench/common.py), fp32, AdamW at the same constant learning rate, gradient
+clipping at 1, the same micro-batch size and beta (0 loads no reference model in either), and the same
+number of steps. The first `--warmup` steps are not timed. Tokens per second = completion tokens of the
+timed steps / wall time from the end of the last warm-up step to the end of the last step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+PAIRS = {"grpo": ("grpo", "GRPOTrainer"), "rloo": ("rloo", "RLOOTrainer")}
+
+
+# ------------------------------------------------------------------------------------------------
+# Workers: one trainer, one model, in this process. Print one JSON line.
+# ------------------------------------------------------------------------------------------------
+def work_reinforce_lm(job: dict, out_dir: str) -> dict:
+    import torch
+
+    from reinforce_lm import trainer as trainer_mod
+    from reinforce_lm.config import TrainConfig, build_config
+    from reinforce_lm.runner import run_train
+    from reinforce_lm.stages import reinforce as stage_mod
+
+    ends, logs, rss0 = [], [], []
+
+    class TimedLogger(trainer_mod.MetricsLogger):
+        def log(self, step, metrics):
+            ends.append(time.perf_counter())
+            logs.append(dict(metrics))
+            super().log(step, metrics)
+
+    collect = stage_mod.ReinforceStage.collect
+
+    def timed_collect(self, step):
+        if not rss0:
+            rss0.append(common.current_rss_mib())
+        return collect(self, step)
+
+    trainer_mod.MetricsLogger = TimedLogger
+    stage_mod.ReinforceStage.collect = timed_collect
+    cfg = build_config(
+        TrainConfig,
+        dict(
+            model=job["model_dir"],
+            prompts=str(Path(job["model_dir"]) / "prompts.jsonl"),
+            reward=[f"{HERE / 'common.py'}:reward"],
+            output_dir=out_dir,
+            steps=job["steps"],
+            lr=job["lr"],
+            estimator=job["estimator"],
+            samples_per_prompt=job["k"],
+            prompts_per_step=job["p"],
+            max_new_tokens=job["t"],
+            micro_batch_size=job["micro"],
+            beta=job["beta"],
+            kl_in="reward" if job["estimator"] == "rloo" else "loss",
+            kl_estimator="k1" if job["estimator"] == "rloo" else "k3",
+            max_grad_norm=1.0,
+            dtype="float32",
+            device="cpu",
+            progress=False,
+            seed=0,
+        ),
+    )
+    run_train(cfg)
+    return {
+        "ends": ends,
+        "tokens": [m["completion_tokens"] for m in logs],
+        "rss_start": rss0[0],
+        "threads": torch.get_num_threads(),
+    }
+
+
+def work_trl(job: dict, out_dir: str) -> dict:
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+
+    ends, logs, rss0 = [], [], []
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            rss0.append(common.current_rss_mib())
+
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                logs_.append(dict(logs))
+
+    logs_ = logs
+    B = job["p"] * job["k"]
+    Config, Trainer = {
+        "grpo": (trl.GRPOConfig, trl.GRPOTrainer),
+        "rloo": (trl.RLOOConfig, trl.RLOOTrainer),
+    }[job["estimator"]]
+    args = Config(
+        output_dir=out_dir,
+        per_device_train_batch_size=job["micro"],
+        gradient_accumulation_steps=B // job["micro"],  # one generation of B per optimiser step
+        num_generations=job["k"],
+        max_completion_length=job["t"],
+        learning_rate=job["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=job["beta"],
+        temperature=1.0,
+        max_steps=job["steps"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        disable_dropout=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    tok = AutoTokenizer.from_pretrained(job["model_dir"], padding_side="left")
+    prompts = common.load_prompts(Path(job["model_dir"]))
+    trainer = Trainer(
+        model=job["model_dir"],
+        reward_funcs=common.reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tok,
+        callbacks=[Timer()],
+    )
+    trainer.train()
+    return {
+        "ends": ends,
+        "tokens": [lg["completions/mean_length"] * B for lg in logs],
+        "rss_start": rss0[0],
+        "threads": torch.get_num_threads(),
+    }
+
+
+def worker(job: dict) -> None:
+    with tempfile.TemporaryDirectory() as out:
+        fn = work_reinforce_lm if job["impl"] == "reinforce-lm" else work_trl
+        res = fn(job, out)
+    w = job["warmup"]
+    timed = res["ends"][w:]
+    tokens = sum(res["tokens"][w + 1 :]) if len(timed) > 1 else float("nan")
+    res.update(
+        tokens_per_s=tokens / (timed[-1] - timed[0]) if len(timed) > 1 else float("nan"),
+        step_s=(timed[-1] - timed[0]) / (len(timed) - 1) if len(timed) > 1 else float("nan"),
+        mean_tokens_per_step=sum(res["tokens"]) / max(1, len(res["tokens"])),
+        peak_rss=common.peak_rss_mib(),
+    )
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver
+# ------------------------------------------------------------------------------------------------
+def run_job(job: dict, verbose: bool) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode or not lines:
+        sys.stderr.write(p.stdout[-3000:] + p.stderr[-6000:])
+        raise SystemExit(f"{job['impl']} {job['estimator']} on {job['model']} failed (rc {p.returncode})")
+    res = json.loads(lines[-1][len("RESULT ") :])
+    if verbose:
+        print(
+            f"  {job['model']:6s} {job['impl']:12s} {job['estimator']} beta={job['beta']}: "
+            f"{res['tokens_per_s']:8.1f} tok/s, step {res['step_s']:.3f}s, peak {res['peak_rss']:.0f} MiB, "
+            f"tokens/step {res['mean_tokens_per_step']:.0f}",
+            flush=True,
+        )
+    return res
+
+
+SIZES = {  # P prompts, K samples, T tokens, micro-batch, steps
+    "tiny": dict(p=8, k=8, t=64, micro=16, steps=8),
+    "medium": dict(p=4, k=4, t=32, micro=8, steps=4),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--models", nargs="+", default=list(common.MODELS), choices=common.MODELS)
+    ap.add_argument("--pairs", nargs="+", default=["grpo", "rloo"], choices=list(PAIRS))
+    ap.add_argument("--betas", nargs="+", type=float, default=[0.0])
+    ap.add_argument("--steps", type=int, help="steps per run (default per model: tiny 8, medium 4)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed first steps")
+    ap.add_argument("--prompts-per-step", type=int, help="P (default: tiny 8, medium 4)")
+    ap.add_argument("--k", type=int, help="K samples per prompt (default: tiny 8, medium 4)")
+    ap.add_argument("--max-new-tokens", type=int, help="T (default: tiny 64, medium 32)")
+    ap.add_argument("--micro-batch", type=int, help="sequences per forward/backward (tiny 16, medium 8)")
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
+    ap.add_argument("--out", default=str(HERE / "results" / "vs_trl.md"))
+    args = ap.parse_args()
+    if args.worker:
+        return worker(json.loads(args.worker))
+
+    rows, t0 = [], time.time()
+    for model in args.models:
+        size = dict(SIZES[model])
+        for key, flag in [("p", "prompts_per_step"), ("k", "k"), ("t", "max_new_tokens")]:
+            size[key] = getattr(args, flag) or size[key]
+        size["micro"] = args.micro_batch or size["micro"]
+        size["steps"] = args.steps or size["steps"]
+        model_dir = str(common.build(model))
+        print(f"{model}: {common.n_params(Path(model_dir)) / 1e6:.2f}M parameters, {size}", flush=True)
+        for pair in args.pairs:
+            for beta in args.betas:
+                base = dict(size, model=model, model_dir=model_dir, estimator=pair, beta=beta, lr=args.lr)
+                base["warmup"] = args.warmup
+                runs = {"reinforce-lm": [], "trl": []}
+                for _ in range(args.repeats):
+                    for impl in runs:
+                        runs[impl].append(run_job(dict(base, impl=impl), verbose=True))
+                rows.append((model, pair, beta, size, runs))
+    table = render(rows, args)
+    print("\n" + table)
+    print(f"total wall time {time.time() - t0:.0f}s")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(table)
+
+
+def render(rows, args) -> str:
+    med = statistics.median
+    cmd = "python bench/vs_trl.py " + " ".join(sys.argv[1:])
+    out = [
+        "# reinforce-lm vs TRL",
+        "",
+        f"Command: `{cmd.strip()}`  ",
+        f"Medians of {args.repeats} interleaved runs, each a fresh process (CPU, fp32, "
+        f"{os.cpu_count()} cores, torch threads as the default). tok/s: completion tokens per second of "
+        "training after the warm-up step(s); peak: peak RSS of the process; +train: peak minus RSS at the "
+        "start of step 1 (models loaded, no optimiser state yet).",
+        "",
+        "| model | TRL trainer | beta | P x K x T | r-lm tok/s | TRL tok/s | **speed ratio** | r-lm peak MiB "
+        "| TRL peak MiB | **peak ratio** | r-lm +train MiB | TRL +train MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, pair, beta, size, runs in rows:
+        r, t = runs["reinforce-lm"], runs["trl"]
+        rt, tt = med(x["tokens_per_s"] for x in r), med(x["tokens_per_s"] for x in t)
+        rp, tp = med(x["peak_rss"] for x in r), med(x["peak_rss"] for x in t)
+        rd = med(x["peak_rss"] - x["rss_start"] for x in r)
+        td = med(x["peak_rss"] - x["rss_start"] for x in t)
+        out.append(
+            f"| {model} | {PAIRS[pair][1]} | {beta:g} | {size['p']}x{size['k']}x{size['t']} | {rt:.0f} | "
+            f"{tt:.0f} | **{rt / tt:.2f}x** | {rp:.0f} | {tp:.0f} | **{rp / tp:.2f}x** | "
+            f"{rd:.0f} | {td:.0f} |"
+        )
+    out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
