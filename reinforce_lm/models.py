@@ -17,7 +17,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_model_path(path: str) -> str:
     """A run's output directory stands for its latest checkpoint; anything else is passed through."""
     p = Path(path)
-    if p.is_dir() and not (p / "config.json").exists() and (p / "latest").is_file():
+    if p.is_dir() and (p / "latest").is_file():
         return str(p / (p / "latest").read_text().strip())
     return path
 
@@ -61,14 +61,29 @@ def _forward_params(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 
 
+def inner_model(model):
+    """The Hugging Face model under DDP (`.module`), a PEFT model or the LoRA reference view.
+
+    Their `forward(*args, **kwargs)` hides the signature; reading the inner one keeps `position_ids`
+    (left padding) and `logits_to_keep` flowing through the wrappers, which pass kwargs on.
+    """
+    while True:
+        if hasattr(model, "module") and hasattr(model, "no_sync"):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
 def cache_kwarg(model) -> str:
     """transformers 5.x renamed `past_key_values` to `cache`; speak whichever the model takes."""
-    return "cache" if "cache" in _forward_params(type(model)) else "past_key_values"
+    return "cache" if "cache" in _forward_params(type(inner_model(model))) else "past_key_values"
 
 
 def forward_kwargs(model, attention_mask: torch.Tensor, keep: int | None = None) -> dict:
     """Position ids from the attention mask (left padding) and `logits_to_keep` where supported."""
-    params = _forward_params(type(model))
+    params = _forward_params(type(inner_model(model)))
     kw = {"attention_mask": attention_mask}
     if "position_ids" in params:
         kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -140,3 +155,53 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, 0.0)
     return model
+
+
+# -- LoRA (optional extra `peft`) --------------------------------------------------------------------
+def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str, adapter: str | None = None):
+    """Wrap `model` in a PEFT LoRA model: only the adapters train. `adapter`: a saved adapter directory
+    to continue from (resume) instead of fresh adapters."""
+    try:
+        from peft import LoraConfig, PeftModel, get_peft_model
+    except ImportError:
+        raise ConfigError("lora_r > 0 needs peft: pip install 'reinforce-lm[peft]'") from None
+    if adapter is not None:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    targets = target_modules if target_modules == "all-linear" else target_modules.split(",")
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "merge_and_unload")
+
+
+class RefViaDisabledAdapter:
+    """The frozen reference of a LoRA policy: the same model with its adapter switched off.
+
+    No second copy of the base weights; called like a model (`token_logprobs(ref, ...)`). The base
+    weights never train, so this is exactly the starting policy.
+    """
+
+    def __init__(self, policy):
+        self.policy = policy  # the PeftModel itself, not a DDP wrapper: no gradient hooks
+
+    def get_base_model(self):
+        return self.policy.get_base_model()
+
+    def __call__(self, *args, **kwargs):
+        with self.policy.disable_adapter():
+            return self.policy(*args, **kwargs)
+
+
+def lora_for_saving(model) -> dict:
+    """A LoRA policy's checkpoint: the merged model at the top level (loads with `from_pretrained`
+    anywhere, no peft needed) and the adapter alone in `adapter/`, which resume trains on. The merge
+    happens on a copy, so the training weights are untouched (merging in place and unmerging would
+    not round-trip exactly)."""
+    import copy
+
+    merged = copy.deepcopy(model).merge_and_unload()
+    return {"policy": merged, "adapter": model}

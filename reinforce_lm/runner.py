@@ -15,7 +15,14 @@ import torch
 from reinforce_lm import checkpoint, distributed
 from reinforce_lm.data import load_prompts
 from reinforce_lm.errors import ConfigError
-from reinforce_lm.models import disable_dropout, freeze, load_causal_lm, load_tokenizer
+from reinforce_lm.models import (
+    RefViaDisabledAdapter,
+    apply_lora,
+    disable_dropout,
+    freeze,
+    load_causal_lm,
+    load_tokenizer,
+)
 from reinforce_lm.rewards import build_rewards
 from reinforce_lm.trainer import fit
 
@@ -41,14 +48,32 @@ def prepare_output(cfg) -> Path | None:
     return None
 
 
-def load_policy(cfg, d, init_path: str):
-    policy = load_causal_lm(init_path, cfg.dtype, d.device)
+def load_policy(cfg, d, init_path: str, resume=None):
+    # FSDP moves each shard to the device as it shards, so the whole model only ever sits in CPU memory.
+    sharded = cfg.fsdp and d.enabled
+    if cfg.lora_r and resume is not None:  # a LoRA checkpoint is merged: train on from base + adapter
+        init_path = cfg.model
+    policy = load_causal_lm(init_path, cfg.dtype, "cpu" if sharded else d.device)
     disable_dropout(policy)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         policy.config.use_cache = True  # the sampler needs the cache; checkpointing only applies in train()
+    if cfg.lora_r:
+        adapter = str(Path(resume) / "adapter") if resume is not None else None
+        policy = apply_lora(
+            policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, adapter
+        )
     policy.train()
     return policy
+
+
+def load_reference(cfg, d, policy):
+    """The frozen reference: the LoRA policy with its adapter off, else a copy (sharded under FSDP)."""
+    if cfg.lora_r and cfg.ref_model in ("", cfg.model):
+        return RefViaDisabledAdapter(policy)
+    if cfg.fsdp and d.enabled:
+        return distributed.shard(freeze(load_causal_lm(cfg.ref_model or cfg.model, cfg.dtype, "cpu")))
+    return freeze(load_causal_lm(cfg.ref_model or cfg.model, cfg.dtype, d.device))
 
 
 def run_train(cfg) -> int:
@@ -65,10 +90,10 @@ def run_train(cfg) -> int:
             cfg.reward, cfg.reward_model, cfg.reward_weights or None, device=str(d.device)
         )
         rewards.check(prompts.columns)
-        policy = load_policy(cfg, d, str(resume) if resume else cfg.model)
+        policy = load_policy(cfg, d, str(resume) if resume else cfg.model, resume)
         reference = None
         if cfg.beta > 0:  # beta == 0: no reference model is loaded at all
-            reference = freeze(load_causal_lm(cfg.ref_model or cfg.model, cfg.dtype, d.device))
+            reference = load_reference(cfg, d, policy)
         if cfg.algorithm == "ppo":
             from reinforce_lm.stages.ppo import build_ppo_stage
 
@@ -78,11 +103,15 @@ def run_train(cfg) -> int:
         else:
             from reinforce_lm.stages.reinforce import ReinforceStage
 
-            policy = distributed.wrap(policy, d)
+            policy = distributed.wrap(policy, d, fsdp=cfg.fsdp)
             stage = ReinforceStage(cfg, policy, tokenizer, reference, rewards, prompts, d, eval_prompts)
+        if cfg.fsdp and d.enabled:  # sharded forwards are collective: ranks stop decoding together
+            stage.sampler.sync_stop = d.all_true
         if d.is_main:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.output_dir) / "config.json").write_text(json.dumps(vars(cfg), indent=2, default=str))
+            (Path(cfg.output_dir) / "run_config.json").write_text(
+                json.dumps(vars(cfg), indent=2, default=str)
+            )
         result = fit(stage, cfg, d, resume_from=resume)
         if d.is_main:
             what = "interrupted; checkpoint" if result["interrupted"] else "done; model"
@@ -92,27 +121,38 @@ def run_train(cfg) -> int:
         distributed.teardown()
 
 
-def run_eval(cfg) -> int:
+def evaluate(cfg, d):
+    """Mean reward and (prompt, completion, score) rows of `cfg.model` on `cfg.prompts` (an EvalConfig)."""
     from reinforce_lm.rollout import Sampler
     from reinforce_lm.stages.reinforce import evaluate_policy
 
+    tokenizer = load_tokenizer(cfg.model)
+    prompts = load_prompts(cfg.prompts, tokenizer, cfg.prompt_column, cfg.messages_column)
+    rewards = build_rewards(cfg.reward, cfg.reward_model, cfg.reward_weights or None, device=str(d.device))
+    rewards.check(prompts.columns)
+    model = freeze(load_causal_lm(cfg.model, cfg.dtype, d.device))
+    sampler = Sampler(
+        tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_prompt_length
+    )
+    return evaluate_policy(model, sampler, rewards, prompts, cfg.seed, d, greedy=cfg.greedy)
+
+
+def run_eval(cfg) -> int:
     d = distributed.setup(cfg.device)
     try:
-        tokenizer = load_tokenizer(cfg.model)
-        prompts = load_prompts(cfg.prompts, tokenizer, cfg.prompt_column, cfg.messages_column)
-        rewards = build_rewards(
-            cfg.reward, cfg.reward_model, cfg.reward_weights or None, device=str(d.device)
-        )
-        rewards.check(prompts.columns)
-        model = freeze(load_causal_lm(cfg.model, cfg.dtype, d.device))
-        sampler = Sampler(
-            tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_prompt_length
-        )
-        mean, rows = evaluate_policy(model, sampler, rewards, prompts, cfg.seed, d, greedy=cfg.greedy)
+        mean, rows = evaluate(cfg, d)
         if d.is_main:
-            print(f"mean reward over {len(prompts)} prompts: {mean:.4f}")
+            print(f"mean reward over {cfg.prompts}: {mean:.4f}")
             for prompt, completion, score in rows[: cfg.show]:
                 print(f"  [{score:+.3f}] {prompt!r} -> {completion!r}")
         return 0
     finally:
         distributed.teardown()
+
+
+def run_eval_mean(model: str, prompts: str, reward: list[str], reward_model=(), **kw) -> float:
+    """Python shortcut: the mean reward of `model` on `prompts` (single process)."""
+    from reinforce_lm.config import EvalConfig
+
+    cfg = EvalConfig(model=model, prompts=prompts, reward=list(reward), reward_model=list(reward_model), **kw)
+    return evaluate(cfg, distributed.setup(cfg.device))[0]
