@@ -72,6 +72,18 @@ class EngineConfig:
     dtype: str = _f("float32", "Parameter dtype: float32, bfloat16 or float16.")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available, else cpu).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    mixed_precision: str = _f(
+        "no", "bf16: autocast forwards to bfloat16, keeping fp32 weights, gradients and optimiser state."
+    )
+    fsdp: bool = _f(
+        False, "Under torchrun: shard the policy and its optimiser with FSDP2 instead of replicating (DDP)."
+    )
+    lora_r: int = _f(0, "LoRA rank (needs `pip install reinforce-lm[peft]`); 0 trains all weights.")
+    lora_alpha: float = _f(16.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA branch (0 keeps the sampler and update consistent).")
+    lora_target_modules: str = _f(
+        "all-linear", "Modules that get adapters: all-linear, or comma-separated names (q_proj,v_proj)."
+    )
     progress: bool = _f(True, "Show a progress bar.")
 
     def __post_init__(self) -> None:
@@ -81,6 +93,11 @@ class EngineConfig:
         _positive(self, "warmup_steps", "weight_decay", "max_grad_norm", "save_every", allow_zero=True)
         _choice(self, "lr_schedule", ("constant", "linear", "cosine"))
         _choice(self, "dtype", ("float32", "bfloat16", "float16"))
+        _choice(self, "mixed_precision", ("no", "bf16"))
+        _positive(self, "lora_r", "lora_dropout", allow_zero=True)
+        _positive(self, "lora_alpha")
+        if self.lora_r and self.fsdp:
+            raise ConfigError("lora_r with fsdp is not supported yet: LoRA runs replicate (DDP) instead")
 
 
 @dataclass

@@ -107,6 +107,9 @@ class Sampler:
         self.max_prompt_length = max_prompt_length
         self.backend, self.seeded = backend, seeded
         self.pad_id = tokenizer.pad_token_id
+        # Under FSDP every forward all-gathers across ranks, so all ranks must decode the same number
+        # of steps: `sync_stop(local_done) -> bool` makes "all sequences finished" global (Dist.all_true).
+        self.sync_stop = None
 
     def eos_ids(self, model) -> list[int]:
         ids = {self.tok.eos_token_id}
@@ -204,7 +207,8 @@ class Sampler:
             logps.append(scaled.log_softmax(-1).gather(1, tok[:, None]).squeeze(1))
             tokens.append(tok)
             done = done | torch.isin(tok, eos)
-            if bool(done.all()) or t == self.max_new_tokens - 1:
+            finished = bool(done.all()) if self.sync_stop is None else self.sync_stop(bool(done.all()))
+            if finished or t == self.max_new_tokens - 1:
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             pos = pos + 1
@@ -228,7 +232,9 @@ class Sampler:
             eos_token_id=self.eos_ids(model),
         )
         ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=cfg, synced_gpus=self.sync_stop is not None
+        )
         resp = out[:, ids.shape[1] :]
         if resp.shape[1] == 0:
             resp = torch.full((ids.shape[0], 1), self.pad_id, device=ids.device)

@@ -8,6 +8,7 @@ accumulation, clipping, checkpoints, metrics and Ctrl-C. It reads top to bottom.
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import time
@@ -17,8 +18,17 @@ import torch
 
 from reinforce_lm import checkpoint
 from reinforce_lm.config import EngineConfig
-from reinforce_lm.distributed import Dist, no_sync
+from reinforce_lm.distributed import (
+    Dist,
+    as_float,
+    autocast,
+    load_optimizer_state,
+    no_sync,
+    optimizer_state,
+    saveable,
+)
 from reinforce_lm.metrics import MetricsLogger
+from reinforce_lm.models import is_lora, lora_for_saving
 
 Batch = dict[str, torch.Tensor]  # every tensor has the batch dimension first
 
@@ -106,8 +116,8 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
     start = 0
     if resume_from is not None:
         state = checkpoint.load_state(resume_from)
-        for o, s in zip(optimizers, state["optimizers"], strict=True):
-            o.load_state_dict(s)
+        for (_, module, _), o, s in zip(groups, optimizers, state["optimizers"], strict=True):
+            load_optimizer_state(module, o, s)  # saved by name, unsharded: any world size, FSDP or not
         for sc, s in zip(schedulers, state["schedulers"], strict=True):
             sc.load_state_dict(s)
         checkpoint.set_rng_state(state["rng"])
@@ -115,8 +125,9 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
         start = state["step"]
 
     def save(step: int):
+        full = {name: saveable(m) for name, m, _ in groups}  # collective under FSDP: gathers shards
         state = {
-            "optimizers": [o.state_dict() for o in optimizers],
+            "optimizers": [optimizer_state(m, o) for (_, m, _), o in zip(groups, optimizers, strict=True)],
             "schedulers": [s.state_dict() for s in schedulers],
             "rng": checkpoint.rng_state(),
             "stage": stage.state_dict(),
@@ -124,7 +135,9 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
         }
         path = None
         if d.is_main:
-            models = {name: _unwrap(m) for name, m, _ in groups}
+            models = {}
+            for name, m in full.items():  # a LoRA policy: merged model + adapter/
+                models.update(lora_for_saving(m) if name == "policy" and is_lora(m) else {name: m})
             path = checkpoint.save_checkpoint(
                 cfg.output_dir, step, models, stage.tokenizer, state, cfg.keep_checkpoints
             )
@@ -133,11 +146,13 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
 
     logger = MetricsLogger(cfg.output_dir, cfg.steps, start, enabled=d.is_main, progress=cfg.progress)
     modules = [m for _, m, _ in groups]
+    amp = functools.partial(autocast, d.device, cfg.mixed_precision)  # bf16 forwards, fp32 master weights
     step, last_saved, interrupted = start, None, False
     with GracefulInterrupt() as interrupt:
         for step in range(start + 1, cfg.steps + 1):
             t_step = time.perf_counter()
-            batch, metrics = stage.collect(step - 1)
+            with amp():  # rollouts and old log-probs at the precision the update will see
+                batch, metrics = stage.collect(step - 1)
             t_update = time.perf_counter()
             sums: dict[str, float] = {}
             n_updates = 0
@@ -156,7 +171,8 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
                     for i, micro in enumerate(micros):
                         last = i == len(micros) - 1
                         with no_sync_all(modules, skip=not last):
-                            loss, m = stage.loss(micro, normalizer)
+                            with amp():
+                                loss, m = stage.loss(micro, normalizer)
                             # DDP averages gradients over processes, but the loss is already divided
                             # by the global count: scale back so the gradient is the global sum.
                             (loss * d.world_size).backward()
@@ -168,7 +184,7 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
                         else:
                             gn = _grad_norm(module)
                         key = "grad_norm" if name == "policy" else f"grad_norm_{name}"
-                        sums[key] = sums.get(key, 0.0) + float(gn)
+                        sums[key] = sums.get(key, 0.0) + as_float(gn)
                         opt.step()
                         opt.zero_grad(set_to_none=True)
                     n_updates += 1
@@ -215,9 +231,3 @@ def no_sync_all(modules, skip: bool):
 def _grad_norm(module) -> torch.Tensor:
     norms = [p.grad.detach().norm() for p in module.parameters() if p.grad is not None]
     return torch.stack(norms).norm() if norms else torch.tensor(0.0)
-
-
-def _unwrap(model):
-    from reinforce_lm.distributed import unwrap
-
-    return unwrap(model)

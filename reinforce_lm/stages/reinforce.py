@@ -276,7 +276,9 @@ def evaluate_policy(
     n = len(data)
     mine = torch.arange(n)[d.rank :: d.world_size]
     total, rows = torch.zeros((), dtype=torch.double), []
-    for chunk in mine.split(batch):
+    # The same number of chunks on every rank: under FSDP each sample call is collective.
+    per_rank = -(-n // d.world_size)  # ceil
+    for chunk in mine.tensor_split(-(-per_rank // batch)):
         texts = [data.texts[i] for i in chunk.tolist()]
         cols = {name: [col[i] for i in chunk.tolist()] for name, col in data.columns.items()}
         r = sampler.sample(policy, texts, chunk, 1, row_seeds(seed, -1, chunk, 1), greedy=greedy)
