@@ -1,0 +1,101 @@
+"""LoRA through peft: only adapters train; the reference is the base model with the adapter disabled."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reinforce_lm import cli, toy
+from reinforce_lm.config import TrainConfig
+from reinforce_lm.distributed import Dist
+from reinforce_lm.models import (
+    RefViaDisabledAdapter,
+    apply_lora,
+    forward_kwargs,
+    load_causal_lm,
+    token_logprobs,
+)
+from reinforce_lm.runner import load_reference
+
+peft = pytest.importorskip("peft")
+
+
+def padded_batch(tok):
+    """Left-padded prompts of different lengths + a response: position ids must follow the mask."""
+    prompts = ["a?", "1+1+1+b?", "c?"]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    resp = torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13]])
+    ids = torch.cat([enc.input_ids, resp], 1)
+    attn = torch.cat([enc.attention_mask, torch.ones_like(resp)], 1)
+    return ids, attn, resp.shape[1]
+
+
+def test_reference_logprobs_are_the_base_models(llama_dir, tokenizer):
+    base = load_causal_lm(str(llama_dir))
+    policy = apply_lora(load_causal_lm(str(llama_dir)), 4, 16.0, 0.0, "all-linear")
+    with torch.no_grad():  # a trained adapter: lora_B is no longer zero
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ids, attn, T = padded_batch(tokenizer)
+    ref = RefViaDisabledAdapter(policy)
+    assert "position_ids" in forward_kwargs(ref, attn)  # through the PEFT wrapper to the HF model
+    with torch.inference_mode():
+        ref_logp = token_logprobs(ref, ids, attn, T)
+        base_logp = token_logprobs(base, ids, attn, T)
+        policy_logp = token_logprobs(policy, ids, attn, T)
+    torch.testing.assert_close(ref_logp, base_logp, rtol=0, atol=1e-5)
+    assert (policy_logp - base_logp).abs().max() > 1e-2  # the adapter is on again afterwards
+
+
+def test_runner_uses_the_disabled_adapter_not_a_second_copy(llama_dir):
+    cfg = TrainConfig(model=str(llama_dir), prompts="p.jsonl", reward=["m:f"], lora_r=4, beta=0.1)
+    policy = apply_lora(load_causal_lm(str(llama_dir)), 4, 16.0, 0.0, "all-linear")
+    ref = load_reference(cfg, Dist(), policy)
+    assert isinstance(ref, RefViaDisabledAdapter) and ref.policy is policy
+
+
+def test_lora_run_trains_only_adapters_and_saves_a_loadable_merged_model(tmp_path, llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in toy.letter_prompts(8)))
+    out = tmp_path / "out"
+    cli.main(
+        [
+            "train",
+            f"--model={llama_dir}",
+            f"--prompts={prompts}",
+            "--reward=reinforce_lm.toy:letter_reward",
+            f"--output-dir={out}",
+            "--steps=2",
+            "--prompts-per-step=2",
+            "--samples-per-prompt=4",
+            "--max-new-tokens=6",
+            "--lr=5e-2",
+            "--lora-r=4",
+            "--no-progress",
+        ]
+    )
+    ckpt = out / "checkpoint-2"
+    start = load_file(llama_dir / "model.safetensors")
+    # the adapter alone, on the untouched base: base weights equal the start, adapters moved
+    trained = peft.PeftModel.from_pretrained(load_causal_lm(str(llama_dir)), str(ckpt / "adapter"))
+    n_base = 0
+    for name, p in trained.named_parameters():
+        if "lora_" in name:
+            continue
+        key = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        assert torch.equal(p, start[key]), name
+        n_base += 1
+    assert n_base == len(start)
+    assert any(p.abs().max() > 0 for n, p in trained.named_parameters() if "lora_B" in n)
+    # the top level is the merged model: plain transformers loads it, and it computes the same
+    merged = AutoModelForCausalLM.from_pretrained(ckpt)
+    ids = torch.tensor([[3, 10, 11, 12, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, trained(input_ids=ids).logits, rtol=0, atol=1e-4)
+    assert max((merged.state_dict()[k] - v).abs().max().item() for k, v in start.items()) > 1e-4
