@@ -37,9 +37,7 @@ def completion_with(rng: random.Random, letter: str, hits: int, length: int) -> 
 
 def sft_rows(n: int, length: int, seed: int) -> list[dict]:
     """Demonstrations: the asked letter `length` times."""
-    return [
-        {"prompt": r["prompt"], "completion": r["letter"] * length} for r in toy.letter_prompts(n, seed)
-    ]
+    return [{"prompt": r["prompt"], "completion": r["letter"] * length} for r in toy.letter_prompts(n, seed)]
 
 
 def preference_rows(n: int, length: int, seed: int) -> list[dict]:

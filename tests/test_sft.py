@@ -1,0 +1,161 @@
+"""The SFT stage: labels, exact normalisation, held-out loss falling, packing, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from reinforce_lm import cli, toy
+from reinforce_lm.data import IGNORE_INDEX
+from reinforce_lm.distributed import Dist
+from reinforce_lm.metrics import read_metrics
+from reinforce_lm.models import load_causal_lm, load_tokenizer
+from reinforce_lm.stages.sft import SFTConfig, SFTStage, load_sft_splits, run_sft, sum_nll
+from reinforce_lm.trainer import split
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def letter_rows(n, seed, length=4):
+    return [{"prompt": r["prompt"], "completion": r["letter"] * length} for r in toy.letter_prompts(n, seed)]
+
+
+def test_prompt_tokens_get_no_loss(tmp_path, llama_dir):
+    tok = load_tokenizer(str(llama_dir))
+    rows = [
+        {"prompt": "c?", "completion": "ccc"},
+        {"messages": [{"role": "user", "content": "d?"}, {"role": "assistant", "content": "dd"}]},
+    ]
+    cfg = SFTConfig(
+        model=str(llama_dir), data=write_jsonl(tmp_path / "d.jsonl", rows), eval_fraction=0.0, batch_size=2
+    )
+    train, held_out = load_sft_splits(cfg, tok)
+    assert held_out == []
+    ids = tok("c?")["input_ids"]
+    c, eos = tok.convert_tokens_to_ids("c"), tok.eos_token_id
+    assert train[0]["labels"] == [IGNORE_INDEX] * len(ids) + [c, c, c, eos]
+    labelled = [t for t, lab in zip(train[1]["input_ids"], train[1]["labels"], strict=True) if lab != -100]
+    assert tok.decode(labelled) == "dd<eos>"  # the assistant turn and its end, not "u:d?a:"
+
+    # The stage's loss counts exactly those tokens: compare with cross-entropy on them by hand.
+    stage = SFTStage(cfg, load_causal_lm(str(llama_dir)), tok, train, [], Dist())
+    batch, _ = stage.collect(0)
+    assert batch["mask"].sum() == 4 + 3  # shifted: mask[:, j] says whether token j+1 is labelled
+    model = stage.model
+    nll, count = sum_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    manual = 0.0
+    for b in range(len(batch["input_ids"])):
+        for j in range(batch["input_ids"].shape[1] - 1):
+            if batch["labels"][b, j + 1] != IGNORE_INDEX:
+                manual -= torch.log_softmax(logits[b, j], -1)[batch["labels"][b, j + 1]].item()
+    assert count == 7 and nll.item() == pytest.approx(manual, rel=1e-5)
+
+
+def test_micro_batches_sum_to_the_batch_loss(tmp_path, llama_dir):
+    """Loss divided by the global label-token count: any micro-batching gives the same gradient."""
+    tok = load_tokenizer(str(llama_dir))
+    rows = [{"prompt": "a?", "completion": "a" * (1 + i % 5)} for i in range(8)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = SFTConfig(model=str(llama_dir), data=data, batch_size=8, eval_fraction=0.0)
+    train, _ = load_sft_splits(cfg, tok)
+    stage = SFTStage(cfg, load_causal_lm(str(llama_dir)), tok, train, [], Dist())
+    batch, _ = stage.collect(0)
+    normalizer = {"tokens": batch["mask"].sum().double(), "seqs": torch.tensor(8.0)}
+    grads = []
+    for parts in (1, 3, 8):
+        stage.model.zero_grad()
+        total = 0.0
+        for micro in split(batch, torch.arange(8), parts):
+            loss, _ = stage.loss(micro, normalizer)
+            loss.backward()
+            total += loss.item()
+        grads.append(torch.cat([p.grad.flatten() for p in stage.model.parameters()]))
+        if parts == 1:
+            whole = total
+        assert total == pytest.approx(whole, rel=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
+
+
+def sft_args(model, data, out, *extra):
+    return ["sft", "--model", str(model), "--data", data, "--output-dir", str(out), "--no-progress", *extra]
+
+
+def test_sft_lowers_held_out_loss(tmp_path, llama_dir, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", letter_rows(128, seed=0))
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", letter_rows(32, seed=1))
+    out = tmp_path / "sft"
+    cli.main(sft_args(llama_dir, train, out, "--eval-data", held_out, "--steps", "16", "--lr", "1e-2"))
+    rows = read_metrics(out / "metrics.jsonl")
+    before, after = rows[0]["eval_loss"], rows[-1]["eval_loss"]
+    print(capsys.readouterr().out)
+    assert rows[0]["step"] == 0 and rows[-1]["step"] == 16
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 8, 16]  # once per epoch (128/16 steps)
+    assert after < 0.5 * before, (before, after)
+    # The run directory stands for its last checkpoint, which is a plain causal-LM directory.
+    model = load_causal_lm(str(out))
+    assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_packing_and_exact_resume(tmp_path, llama_dir):
+    data = write_jsonl(tmp_path / "train.jsonl", letter_rows(64, seed=0))
+    common = ("--packing", "--max-length", "24", "--batch-size", "4", "--lr", "1e-2", "--eval-fraction", "0")
+    cli.main(sft_args(llama_dir, data, tmp_path / "once", "--steps", "4", *common))
+    cli.main(sft_args(llama_dir, data, tmp_path / "twice", "--steps", "2", *common))
+    cli.main(sft_args(llama_dir, data, tmp_path / "twice", "--steps", "4", "--resume", *common))
+    once = load_causal_lm(str(tmp_path / "once")).state_dict()
+    twice = load_causal_lm(str(tmp_path / "twice")).state_dict()
+    assert all(torch.equal(once[k], twice[k]) for k in once)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "twice" / "metrics.jsonl")]
+    assert losses == [r["loss"] for r in read_metrics(tmp_path / "once" / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "a?", "completion": "  "}, r"bad.jsonl:2: empty completion"),
+        (
+            {"prompt": "a?", "completon": "aa"},
+            r"bad.jsonl:2: no 'completion' column.*did you mean 'completon'",
+        ),
+    ],
+)
+def test_bad_rows_fail_before_training(tmp_path, llama_dir, capsys, row, message):
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a?", "completion": "aa"}, row])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(sft_args(llama_dir, data, tmp_path / "out"))
+    assert exit_info.value.code == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # nothing was trained
+
+
+@pytest.mark.parametrize("truncate, word", [(True, "truncated"), (False, "skipped")])
+def test_over_long_rows_are_reported(tmp_path, llama_dir, truncate, word):
+    rows = [{"prompt": "a?", "completion": "aa"}] * 3 + [{"prompt": "b?", "completion": "b" * 40}]
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    cfg = SFTConfig(
+        model=str(llama_dir),
+        data=data,
+        output_dir=str(tmp_path / "out"),
+        max_length=16,
+        truncate=truncate,
+        steps=1,
+        batch_size=2,
+        eval_fraction=0.0,
+        progress=False,
+    )
+    with pytest.warns(UserWarning, match=rf"1 row\(s\) longer than max_length=16 {word}.*long.jsonl:4"):
+        assert run_sft(cfg) == 0
