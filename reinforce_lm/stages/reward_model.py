@@ -22,7 +22,7 @@ from reinforce_lm.data import collate_preferences, load_preferences, split_eval
 from reinforce_lm.distributed import Dist, unwrap
 from reinforce_lm.errors import ConfigError
 from reinforce_lm.stages.reinforce import epoch_indices
-from reinforce_lm.stages.sft import log_initial_eval, resolve_eval_every, write_config
+from reinforce_lm.stages.sft import log_initial_eval, rank_chunks, reshard, resolve_eval_every, write_config
 
 
 @dataclass
@@ -56,6 +56,8 @@ class RewardConfig(EngineConfig):
         _positive(self, "eval_every", "center_rewards_coef", allow_zero=True)
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.lora_r:
+            raise ConfigError("lora_r is not supported by `reward` yet: the reward model trains all weights")
 
 
 def load_reward_backbone(path: str, tokenizer, dtype: str, device):
@@ -145,13 +147,12 @@ class RewardStage:
         d, model = self.d, unwrap(self.model)
         was_training = model.training
         model.eval()
-        mine = self.eval_pairs[d.rank :: d.world_size]
         sums = torch.zeros(4, dtype=torch.double, device=d.device)  # loss, correct, margin, pairs
-        for s in range(0, len(mine), self.cfg.micro_batch_size):
-            b = self._batch(mine[s : s + self.cfg.micro_batch_size])
+        for items, real in rank_chunks(self.eval_pairs, d, self.cfg.micro_batch_size):
+            b = self._batch(items)
             r_c, r_r = pair_scores(model, b)
             n = len(r_c)
-            sums += torch.stack(
+            sums += real * torch.stack(
                 [
                     A.bradley_terry_loss(r_c, r_r, b["margin"]).double() * n,
                     (r_c > r_r).double().sum(),
@@ -160,6 +161,7 @@ class RewardStage:
                 ]
             )
         model.train(was_training)
+        reshard(model)
         sums = d.reduce_sum(sums)
         loss, correct, gap, count = (sums / sums[3].clamp(min=1)).tolist()
         return {"eval_loss": loss, "eval_accuracy": correct, "eval_reward_gap": gap}
@@ -190,12 +192,13 @@ def run_reward(cfg: RewardConfig) -> int:
         cfg = resolve_eval_every(cfg, len(train))
         if d.is_main:
             print(f"reward: {len(train)} training and {len(held_out)} held-out pairs")
-        model = load_reward_backbone(source, tokenizer, cfg.dtype, d.device)
+        sharded = cfg.fsdp and d.enabled  # FSDP shards from CPU memory, moving shard by shard
+        model = load_reward_backbone(source, tokenizer, cfg.dtype, "cpu" if sharded else d.device)
         disable_dropout(model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
-        stage = RewardStage(cfg, distributed.wrap(model, d), tokenizer, train, held_out, d)
+        stage = RewardStage(cfg, distributed.wrap(model, d, fsdp=cfg.fsdp), tokenizer, train, held_out, d)
         write_config(cfg, d)
         if resume is None:
             log_initial_eval(stage, cfg, d)

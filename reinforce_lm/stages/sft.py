@@ -113,22 +113,40 @@ class SFTStage:
     def evaluate(self) -> dict[str, float]:
         if not self.eval_examples:
             return {}
-        model = unwrap(self.model)
+        model, d = unwrap(self.model), self.d
         was_training = model.training
         model.eval()
-        d = self.d
-        mine = self.eval_examples[d.rank :: d.world_size]
         total = torch.zeros((), dtype=torch.double, device=d.device)
         count = torch.zeros((), dtype=torch.double, device=d.device)
-        for s in range(0, len(mine), self.cfg.micro_batch_size):
-            b = collate_sft(mine[s : s + self.cfg.micro_batch_size], self.pad_id)
-            b = {k: v.to(d.device) for k, v in b.items()}
+        for items, real in rank_chunks(self.eval_examples, d, self.cfg.micro_batch_size):
+            b = {k: v.to(d.device) for k, v in collate_sft(items, self.pad_id).items()}
             nll, n = sum_nll(model, b["input_ids"], b["attention_mask"], b["labels"])
-            total += nll.double()
-            count += n.double()
+            total += nll.double() * real
+            count += n.double() * real
         model.train(was_training)
+        reshard(model)
         loss = (d.reduce_sum(total) / d.reduce_sum(count).clamp(min=1)).item()
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def reshard(model) -> None:
+    """After a no-grad forward, FSDP2 leaves the root's parameters unsharded (gathered); put the shards
+    back, or the optimiser (which holds the shards) and the checkpoint no longer see the same tensors."""
+    if distributed.is_sharded(model):
+        model.reshard()
+
+
+def rank_chunks(items: list, d: Dist, size: int) -> list[tuple[list, float]]:
+    """This rank's share of `items` (every world_size-th) in chunks of `size`, as (chunk, weight). Every
+    rank gets the same number of chunks, because a sharded (FSDP) forward is collective: a rank that has
+    run out gets a stand-in chunk with weight 0."""
+    mine = items[d.rank :: d.world_size]
+    n_chunks = math.ceil(math.ceil(len(items) / d.world_size) / size)
+    out = []
+    for i in range(n_chunks):
+        chunk = mine[i * size : (i + 1) * size]
+        out.append((chunk, 1.0) if chunk else (items[:1], 0.0))
+    return out
 
 
 def load_sft_splits(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict]]:
@@ -189,7 +207,8 @@ def run_sft(cfg: SFTConfig) -> int:
         cfg = resolve_eval_every(cfg, len(train))
         if d.is_main:
             print(f"sft: {len(train)} training and {len(held_out)} held-out examples")
-        model = distributed.wrap(load_policy(cfg, d, str(resume) if resume else cfg.model), d)
+        policy = load_policy(cfg, d, str(resume) if resume else cfg.model, resume)
+        model = distributed.wrap(policy, d, fsdp=cfg.fsdp)
         stage = SFTStage(cfg, model, tokenizer, train, held_out, d)
         write_config(cfg, d)
         if resume is None:
