@@ -94,8 +94,10 @@ def test_run_sh_is_valid_bash():
 
 
 def test_pipeline_reward_model_score_rises(pipeline):
-    before, after = pipeline["evals"]
+    (before, after), task = pipeline["evals"][:2], pipeline["evals"][2:]
     print(f"reward-model score of held-out completions: SFT {before:.3f} -> after RL {after:.3f}")
+    # Not asserted: a reward model this small is exploitable, and the task's own reward may not follow.
+    print(f"the task's verifiable reward: SFT {task[0]:.3f} -> after RL {task[1]:.3f}")
     assert after > before + 0.2
     sft = read_metrics(pipeline["root"] / "sft" / "metrics.jsonl")
     assert sft[-1]["eval_loss"] < 0.6 * sft[0]["eval_loss"]  # step 0: the base model

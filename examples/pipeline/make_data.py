@@ -3,7 +3,8 @@
 Writes, under --out:
   sft.jsonl          {"prompt": "c?", "completion": "cccc"}            demonstrations
   preferences.jsonl  {"prompt": "c?", "chosen": "ccac", "rejected": "bcai"}
-                     chosen has more of the asked letter than rejected (the verifiable reward, learned)
+                     chosen has more of the asked letter than rejected (the verifiable reward, learned);
+                     some rejected answers are another letter repeated, or empty
   prompts.jsonl      {"prompt": "c?", "letter": "c"}                    RL prompts
   eval_prompts.jsonl held-out prompts, same format
 and, with --base-model DIR, a tiny randomly initialised Llama-style model to start from (no download).
@@ -41,19 +42,23 @@ def sft_rows(n: int, length: int, seed: int) -> list[dict]:
 
 
 def preference_rows(n: int, length: int, seed: int) -> list[dict]:
-    """Pairs ranked by the task's verifiable reward: chosen holds more of the asked letter."""
+    """Pairs ranked by the task's verifiable reward (the share of the asked letter), of three kinds, so
+    that the reward model must read the prompt rather than learn that some letters are good:
+    graded (chosen holds more of the asked letter), another letter repeated (rejected "iiii" for "c?"),
+    and an empty rejected answer."""
     rng = random.Random(seed)
     rows = []
-    for r in toy.letter_prompts(n, seed):
+    for i, r in enumerate(toy.letter_prompts(n, seed)):
+        letter, kind = r["letter"], i % 4
         better = rng.randint(1, length)
-        worse = rng.randint(0, better - 1)
-        rows.append(
-            {
-                "prompt": r["prompt"],
-                "chosen": completion_with(rng, r["letter"], better, length),
-                "rejected": completion_with(rng, r["letter"], worse, length),
-            }
-        )
+        chosen = completion_with(rng, letter, better, length)
+        if kind == 2:
+            rejected = rng.choice([c for c in toy.TASK_LETTERS if c != letter]) * length
+        elif kind == 3:
+            rejected = ""
+        else:
+            rejected = completion_with(rng, letter, rng.randint(0, better - 1), length)
+        rows.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected})
     return rows
 
 

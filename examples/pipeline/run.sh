@@ -35,3 +35,9 @@ reinforce-lm train --model "$OUT/sft" --reward-model "$RM" --prompts "$OUT/data/
 
 reinforce-lm eval --model "$OUT/rl/$(cat "$OUT/rl/latest")" --prompts "$OUT/data/eval_prompts.jsonl" \
   --reward-model "$RM" --max-new-tokens 4
+
+# The task's own (verifiable) reward, which the reward model only learned from pairs: did RL improve it?
+reinforce-lm eval --model "$OUT/sft" --prompts "$OUT/data/eval_prompts.jsonl" \
+  --reward reinforce_lm.toy:letter_reward --max-new-tokens 4
+reinforce-lm eval --model "$OUT/rl/$(cat "$OUT/rl/latest")" --prompts "$OUT/data/eval_prompts.jsonl" \
+  --reward reinforce_lm.toy:letter_reward --max-new-tokens 4
