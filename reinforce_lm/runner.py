@@ -76,37 +76,39 @@ def load_reference(cfg, d, policy):
     return freeze(load_causal_lm(cfg.ref_model or cfg.model, cfg.dtype, d.device))
 
 
+def build_train_stage(cfg, d, resume=None):
+    """Tokenizer, prompts, rewards, policy, reference -> the REINFORCE or PPO stage for `fit`."""
+    tokenizer = load_tokenizer(cfg.model)
+    prompts = load_prompts(cfg.prompts, tokenizer, cfg.prompt_column, cfg.messages_column)
+    eval_prompts = None
+    if cfg.eval_prompts:
+        eval_prompts = load_prompts(cfg.eval_prompts, tokenizer, cfg.prompt_column, cfg.messages_column)
+    rewards = build_rewards(cfg.reward, cfg.reward_model, cfg.reward_weights or None, device=str(d.device))
+    rewards.check(prompts.columns)
+    policy = load_policy(cfg, d, str(resume) if resume else cfg.model, resume)
+    reference = None
+    if cfg.beta > 0:  # beta == 0: no reference model is loaded at all
+        reference = load_reference(cfg, d, policy)
+    if cfg.algorithm == "ppo":
+        from reinforce_lm.stages.ppo import build_ppo_stage
+
+        stage = build_ppo_stage(cfg, policy, tokenizer, reference, rewards, prompts, d, eval_prompts, resume)
+    else:
+        from reinforce_lm.stages.reinforce import ReinforceStage
+
+        policy = distributed.wrap(policy, d, fsdp=cfg.fsdp)
+        stage = ReinforceStage(cfg, policy, tokenizer, reference, rewards, prompts, d, eval_prompts)
+    if cfg.fsdp and d.enabled:  # sharded forwards are collective: ranks stop decoding together
+        stage.sampler.sync_stop = d.all_true
+    return stage
+
+
 def run_train(cfg) -> int:
     d = distributed.setup(cfg.device)
     try:
         seed_everything(cfg.seed)
         resume = prepare_output(cfg)
-        tokenizer = load_tokenizer(cfg.model)
-        prompts = load_prompts(cfg.prompts, tokenizer, cfg.prompt_column, cfg.messages_column)
-        eval_prompts = None
-        if cfg.eval_prompts:
-            eval_prompts = load_prompts(cfg.eval_prompts, tokenizer, cfg.prompt_column, cfg.messages_column)
-        rewards = build_rewards(
-            cfg.reward, cfg.reward_model, cfg.reward_weights or None, device=str(d.device)
-        )
-        rewards.check(prompts.columns)
-        policy = load_policy(cfg, d, str(resume) if resume else cfg.model, resume)
-        reference = None
-        if cfg.beta > 0:  # beta == 0: no reference model is loaded at all
-            reference = load_reference(cfg, d, policy)
-        if cfg.algorithm == "ppo":
-            from reinforce_lm.stages.ppo import build_ppo_stage
-
-            stage = build_ppo_stage(
-                cfg, policy, tokenizer, reference, rewards, prompts, d, eval_prompts, resume
-            )
-        else:
-            from reinforce_lm.stages.reinforce import ReinforceStage
-
-            policy = distributed.wrap(policy, d, fsdp=cfg.fsdp)
-            stage = ReinforceStage(cfg, policy, tokenizer, reference, rewards, prompts, d, eval_prompts)
-        if cfg.fsdp and d.enabled:  # sharded forwards are collective: ranks stop decoding together
-            stage.sampler.sync_stop = d.all_true
+        stage = build_train_stage(cfg, d, resume)
         if d.is_main:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.output_dir) / "run_config.json").write_text(

@@ -8,6 +8,15 @@ import torch
 from reinforce_lm import toy
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread than on two contended ones (and CI has two cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_and_seeded(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,257 @@
+"""The REINFORCE trainer end to end, through the public interface (runner, CLI, checkpoints)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from reinforce_lm import checkpoint, cli, distributed, toy
+from reinforce_lm.config import TrainConfig
+from reinforce_lm.metrics import read_metrics
+from reinforce_lm.models import resolve_model_path
+from reinforce_lm.runner import build_train_stage, run_train
+from reinforce_lm.trainer import fit
+
+REWARD = "reinforce_lm.toy:letter_reward"
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    toy.save_tiny_model(root / "model", arch="llama", hidden=32)
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy.letter_prompts(64)))
+    return root
+
+
+def config(task: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        model=str(task / "model"),
+        prompts=str(task / "prompts.jsonl"),
+        reward=[REWARD],
+        estimator="rloo",
+        samples_per_prompt=8,
+        prompts_per_step=8,
+        max_new_tokens=6,
+        lr=1e-2,
+        steps=4,
+        beta=0.0,
+        output_dir=str(out),
+        progress=False,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(str(path))).state_dict()
+
+
+@pytest.mark.parametrize("estimator", ["none", "rloo", "grpo", "remax", "reinforce_pp"])
+def test_reward_rises(task, tmp_path, estimator):
+    cfg = config(task, tmp_path, estimator=estimator, steps=40, prompts_per_step=16, seed=1)
+    assert run_train(cfg) == 0
+    rewards = [r["reward_mean"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
+    assert last > first + 0.1, (estimator, first, last)
+
+
+def test_metrics_have_the_documented_keys(task, tmp_path):
+    run_train(config(task, tmp_path, steps=2, beta=0.05))
+    row = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    for key in (
+        "step reward_mean reward_std kl entropy response_length grad_norm lr step_seconds "
+        "generate_seconds score_seconds reference_seconds backward_seconds"
+    ).split():
+        assert key in row, key
+    assert row["step"] == 2
+
+
+def test_reference_is_frozen_and_beta_zero_loads_none(task, tmp_path, monkeypatch):
+    d = distributed.setup("cpu")
+    cfg = config(task, tmp_path / "a", beta=0.1, kl_in="loss", steps=3)
+    stage = build_train_stage(cfg, d)
+    before = {k: v.clone() for k, v in stage.reference.state_dict().items()}
+    policy_before = {k: v.clone() for k, v in stage.policy.state_dict().items()}
+    fit(stage, cfg, d)
+    assert all(torch.equal(before[k], v) for k, v in stage.reference.state_dict().items())
+    assert not all(torch.equal(policy_before[k], v) for k, v in stage.policy.state_dict().items())
+    assert not any(p.requires_grad for p in stage.reference.parameters())
+
+    from reinforce_lm import runner
+
+    loads = []
+    real = runner.load_causal_lm
+    monkeypatch.setattr(runner, "load_causal_lm", lambda *a, **k: loads.append(a) or real(*a, **k))
+    stage = build_train_stage(config(task, tmp_path / "b", beta=0.0), d)
+    assert stage.reference is None and len(loads) == 1
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batch_size_does_not_change_the_update(task, tmp_path, loss_agg):
+    kw = dict(steps=2, loss_agg=loss_agg, beta=0.05, estimator="grpo")
+    run_train(config(task, tmp_path / "big", micro_batch_size=64, **kw))
+    run_train(config(task, tmp_path / "small", micro_batch_size=5, **kw))
+    a, b = weights(tmp_path / "big"), weights(tmp_path / "small")
+    # Adam amplifies float summation-order noise a little; a wrong normaliser moves weights by ~lr.
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+@pytest.mark.parametrize("kl_in,credit", [("reward", "sequence"), ("reward", "token"), ("loss", "token")])
+def test_kl_placements_and_credit_run(task, tmp_path, kl_in, credit):
+    cfg = config(task, tmp_path, steps=2, beta=0.1, kl_in=kl_in, credit=credit, kl_estimator="k1")
+    assert run_train(cfg) == 0
+    assert read_metrics(tmp_path / "metrics.jsonl")[-1]["kl"] is not None
+
+
+def test_off_policy_updates_use_ratio_clipping(task, tmp_path):
+    run_train(config(task, tmp_path, steps=2, updates_per_batch=2, minibatches=2))
+    assert "clip_fraction" in read_metrics(tmp_path / "metrics.jsonl")[-1]
+
+
+def test_resume_continues_exactly(task, tmp_path):
+    run_train(config(task, tmp_path / "full", steps=6, beta=0.05, estimator="running_mean"))
+    run_train(config(task, tmp_path / "part", steps=3, beta=0.05, estimator="running_mean"))
+    run_train(config(task, tmp_path / "part", steps=6, beta=0.05, estimator="running_mean", resume=True))
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in read_metrics(tmp_path / "part" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_existing_run_without_resume_is_refused(task, tmp_path):
+    run_train(config(task, tmp_path, steps=1))
+    with pytest.raises(Exception, match="--resume"):
+        run_train(config(task, tmp_path, steps=2))
+
+
+def test_crash_inside_checkpoint_write_keeps_previous(task, tmp_path, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(task / "model")
+    tok = toy.make_tokenizer()
+    checkpoint.save_checkpoint(tmp_path, 1, {"policy": model}, tok, {"x": 1})
+
+    def boom(obj, f, *a, **k):
+        Path(f).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_checkpoint(tmp_path, 2, {"policy": model}, tok, {"x": 2})
+    assert checkpoint.latest_checkpoint(tmp_path).name == "checkpoint-1"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    assert not (tmp_path / "checkpoint-2").exists()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-1")
+    assert checkpoint.load_state(tmp_path / "checkpoint-1")["x"] == 1
+
+
+def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(task, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "reinforce_lm", "train", "--model", str(task / "model")]
+    cmd += ["--prompts", str(task / "prompts.jsonl"), "--reward", REWARD, "--steps", "100000"]
+    cmd += ["--max-new-tokens", "4", "--output-dir", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    ckpt = checkpoint.latest_checkpoint(out)
+    assert ckpt is not None and "interrupted" in stdout
+    AutoModelForCausalLM.from_pretrained(ckpt)
+    assert checkpoint.load_state(ckpt)["step"] == read_metrics(out / "metrics.jsonl")[-1]["step"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error that names the file, line, key or sample, before training starts.
+# ---------------------------------------------------------------------------------------------
+def run_cli(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def args(task, tmp_path, reward=REWARD, prompts=None) -> list[str]:
+    a = ["train", "--model", str(task / "model"), "--prompts", str(prompts or task / "prompts.jsonl")]
+    return a + ["--reward", reward, "--steps", "1", "--output-dir", str(tmp_path / "o"), "--no-progress"]
+
+
+def test_missing_prompt_column_names_file_and_line(task, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a?"}\n{"promt": "b?"}\n')
+    err = run_cli(args(task, tmp_path, prompts=bad), capsys)
+    assert "bad.jsonl:2" in err and "prompt" in err
+
+
+def test_unreadable_prompts_file(task, tmp_path, capsys):
+    err = run_cli(args(task, tmp_path, prompts=tmp_path / "nope.jsonl"), capsys)
+    assert "nope.jsonl" in err
+
+
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        (
+            "def f(prompts, completions, **kw):\n    if any(p[0] in 'abcde' for p in prompts):\n"
+            "        raise KeyError('boom')\n    return [0.0] * len(prompts)",
+            "sample",
+        ),
+        ("def f(prompts, completions, **kw):\n    return [0.0]", "expected"),
+        ("def f(prompts, completions, **kw):\n    return [float('nan')] * len(prompts)", "nan"),
+        ("def f(prompts, completions, **kw):\n    return ['high'] * len(prompts)", "high"),
+    ],
+)
+def test_bad_reward_functions(task, tmp_path, capsys, body, needle):
+    file = tmp_path / "my_reward.py"
+    file.write_text(body + "\n")
+    err = run_cli(args(task, tmp_path, reward=f"{file}:f"), capsys)
+    assert "f" in err and needle in err.lower()
+
+
+def test_unknown_config_key_suggests_the_nearest(task, tmp_path, capsys):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("samples_per_promt: 4\n")
+    err = run_cli(args(task, tmp_path) + ["--config", str(yaml_file)], capsys)
+    assert "samples_per_promt" in err and "samples_per_prompt" in err
+
+
+def test_yaml_config_with_flag_override(task, tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(
+        f"model: {task / 'model'}\nprompts: {task / 'prompts.jsonl'}\nreward: [{REWARD}]\nsteps: 5\n"
+    )
+    parsed = cli.build_parser().parse_args(["train", "--config", str(yaml_file), "--steps", "2"])
+    cfg = cli.parse_config(TrainConfig, parsed)
+    assert cfg.steps == 2 and cfg.reward == [REWARD]
+
+
+def test_bad_values_are_rejected(task):
+    with pytest.raises(Exception, match="estimator"):
+        config(task, Path("x"), estimator="rlooo")
+    with pytest.raises(Exception, match="samples_per_prompt"):
+        config(task, Path("x"), estimator="grpo", samples_per_prompt=1)
+
+
+def test_demo_runs(tmp_path, capsys):
+    cli.main(["demo", "--output-dir", str(tmp_path), "--steps", "3"])
+    out = capsys.readouterr().out
+    assert "before RL" in out and "after RLOO" in out
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals")
+def test_cli_help_lists_every_estimator(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    for name in ("rloo", "grpo", "dr_grpo", "remax", "reinforce_pp"):
+        assert name in out
