@@ -10,8 +10,8 @@ bench/results/compare.md, with the reward curves in bench/results/compare.png:
 - seconds per step: median of `step_seconds` in metrics.jsonl (the first step left out), mean over seeds.
 - gradient variance: `diagnostics.gradient_variance` at FIXED parameters (no optimiser step), many
   independent estimates from fresh rollouts: E||g - E g||^2 / ||E g||^2, and that ratio over no
-  baseline's. Measured at the start and at a warm point (the start after a few RLOO steps), KL off,
-  so only the estimator differs.
+  baseline's. Measured at a warm point (the start after a few RLOO steps), KL off, so only the
+  estimator differs.
 - final reward: mean of `reward_mean` over the last steps, mean +- std over seeds.
 
     python bench/compare.py                      # defaults: about 5-8 minutes on 2 CPU cores
@@ -43,8 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", type=int, default=3, help="training seeds per method")
     p.add_argument("--steps", type=int, default=60, help="RL steps per run")
-    p.add_argument("--prompts-per-step", type=int, default=8)
-    p.add_argument("--samples-per-prompt", type=int, default=4)
+    p.add_argument("--prompts-per-step", type=int, default=16)
+    p.add_argument("--samples-per-prompt", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--hidden", type=int, default=32, help="width of the tiny Llama")
     p.add_argument("--layers", type=int, default=2)
@@ -53,7 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--ppo-updates", type=int, default=2, help="PPO passes over each batch")
     p.add_argument("--ppo-minibatches", type=int, default=2, help="PPO optimiser steps per pass")
     p.add_argument("--last", type=int, default=10, help="final reward = mean over this many last steps")
-    p.add_argument("--variance-estimates", type=int, default=64, help="gradient estimates per method")
+    p.add_argument("--variance-estimates", type=int, default=256, help="gradient estimates per method")
+    p.add_argument("--variance-prompts", type=int, default=8, help="prompts per gradient estimate")
+    p.add_argument("--variance-samples", type=int, default=4, help="samples per prompt per estimate")
     p.add_argument("--warm-steps", type=int, default=20, help="RLOO steps to the warm variance point")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch default)")
@@ -104,6 +106,17 @@ def current_rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def counted_state_kb(run: Path, reference: bool) -> float:
+    """Bytes every method must hold, counted from the saved weights: each trained model (policy, and
+    PPO's critic) 4x (weights, gradients, AdamW's two moments), the frozen reference 1x."""
+    from reinforce_lm.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run)
+    policy = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    critic = sum(f.stat().st_size for f in (ckpt / "critic").glob("*.safetensors"))
+    return (4 * policy + 4 * critic + (policy if reference else 0)) / 2**10
+
+
 def worker(spec: str) -> None:
     job = json.loads(spec)
     import torch
@@ -117,6 +130,7 @@ def worker(spec: str) -> None:
     before = current_rss_mb()
     code = run_train(cfg)
     out = {"code": code, "rss_before_mb": before, "peak_rss_mb": peak_rss_mb()}
+    out["state_kb"] = counted_state_kb(Path(job["output_dir"]), cfg.beta > 0)
     if torch.cuda.is_available() and cfg.device != "cpu":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     Path(job["result"]).write_text(json.dumps(out))
@@ -156,7 +170,17 @@ def variances(args, root: Path, model: str) -> dict[str, float]:
 
     out = {}
     for method in args.methods:
-        cfg = train_config(args, root, method, 0, root / "variance", model=model, beta=0.0)
+        cfg = train_config(
+            args,
+            root,
+            method,
+            0,
+            root / "variance",
+            model=model,
+            beta=0.0,
+            prompts_per_step=args.variance_prompts,
+            samples_per_prompt=args.variance_samples,
+        )
         stage = build_train_stage(cfg)
         warmup = 5 if method == "running_mean" else 0  # let the running mean settle first
         r = gradient_variance(stage, args.variance_estimates, first_step=10_000, warmup=warmup)
@@ -171,30 +195,30 @@ def fmt_ratio(x: float, ref: float) -> str:
     return f"{x / ref:.2f}"
 
 
-def table(args, runs: dict, var_start: dict, var_warm: dict) -> str:
+def table(args, runs: dict, var: dict) -> str:
     gpu = any("cuda_peak_mb" in r for rs in runs.values() for r in rs)
     mem = "peak GPU alloc (MB)" if gpu else "peak RSS (MB)"
     head = [
         "method",
         mem,
         "training RSS (MB)",
+        "weights+grads+Adam (KB, counted)",
         "s / step",
-        "grad var, start (x none)",
-        "grad var, warm (x none)",
+        "grad variance (x none)",
         f"final reward (last {args.last} steps)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    n0, w0 = var_start.get("none", float("nan")), var_warm.get("none", float("nan"))
+    v0 = var.get("none", float("nan"))
     for method, rs in runs.items():
         peak = statistics.mean(r["cuda_peak_mb"] if gpu else r["peak_rss_mb"] for r in rs)
         train = statistics.mean(r["peak_rss_mb"] - r["rss_before_mb"] for r in rs)
         sps = statistics.mean(r["step_seconds"] for r in rs)
         finals = [statistics.mean(r["rewards"][-args.last :]) for r in rs]
         spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
-        vs, vw = var_start.get(method, float("nan")), var_warm.get(method, float("nan"))
+        v = var.get(method, float("nan"))
         lines.append(
-            f"| {method} | {peak:.0f} | {train:.0f} | {sps:.3f} | {vs:.1f} ({fmt_ratio(vs, n0)}) "
-            f"| {vw:.1f} ({fmt_ratio(vw, w0)}) | {statistics.mean(finals):.3f} +- {spread:.3f} |"
+            f"| {method} | {peak:.0f} | {train:.0f} | {rs[0]['state_kb']:.0f} | {sps:.3f} "
+            f"| {v:.1f} ({fmt_ratio(v, v0)}) | {statistics.mean(finals):.3f} +- {spread:.3f} |"
         )
     return "\n".join(lines)
 
@@ -256,14 +280,12 @@ def main(argv=None) -> None:
                 flush=True,
             )
 
-    print("gradient variance at the start ...", flush=True)
-    var_start = variances(args, root, str(root / "model"))
     warm = train_config(args, root, "rloo", 0, root / "warm", steps=args.warm_steps, beta=0.0)
     run_train(warm)
-    print("gradient variance at the warm point ...", flush=True)
+    print("gradient variance at fixed parameters ...", flush=True)
     var_warm = variances(args, root, str(root / "warm"))
 
-    text = table(args, runs, var_start, var_warm)
+    text = table(args, runs, var_warm)
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(runs, args.out / "compare.png")
@@ -279,10 +301,13 @@ def main(argv=None) -> None:
         f"{args.ppo_minibatches} minibatches with a critic on the policy's backbone. ReMax also decodes one "
         "greedy completion per prompt.\n\n"
         f"Gradient variance: E||g - E g||^2 / ||E g||^2 over {args.variance_estimates} independent "
-        "estimates at fixed parameters (KL off), in brackets relative to no baseline; 'start' is the "
-        f"common initial model, 'warm' the start after {args.warm_steps} RLOO steps. Memory: peak RSS of "
-        "the run's process; 'training RSS' is that peak minus the RSS before `run_train` (models, "
-        "optimiser state, activations).\n"
+        f"estimates of {args.variance_prompts} prompts x {args.variance_samples} samples each "
+        "at fixed parameters (KL off, so only the estimator differs), in brackets relative to "
+        f"no baseline; the parameters are the start after {args.warm_steps} RLOO steps (at the start "
+        "itself the reward is about 0.03 and the mean gradient is lost in its noise); PPO's critic is "
+        "untrained there (V = 0). Memory: peak RSS of the run's process; 'training RSS' is that peak "
+        "minus the RSS before `run_train` (after imports); 'weights+grads+Adam' counts the bytes of "
+        "the trained models' weights, gradients and two AdamW moments plus the frozen reference.\n"
     )
     (args.out / "compare.md").write_text(text + "\n\n" + notes)
     print(
