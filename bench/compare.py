@@ -166,7 +166,9 @@ def train_run(args, root: Path, method: str, seed: int) -> dict:
 
 # -- gradient variance at fixed parameters -------------------------------------------------------------
 def variances(args, root: Path, model: str) -> dict[str, float]:
-    from reinforce_lm.diagnostics import build_train_stage, gradient_variance
+    from reinforce_lm.diagnostics import gradient_variance
+    from reinforce_lm.distributed import setup
+    from reinforce_lm.runner import build_train_stage
 
     out = {}
     for method in args.methods:
@@ -181,7 +183,7 @@ def variances(args, root: Path, model: str) -> dict[str, float]:
             prompts_per_step=args.variance_prompts,
             samples_per_prompt=args.variance_samples,
         )
-        stage = build_train_stage(cfg)
+        stage = build_train_stage(cfg, setup(cfg.device))
         warmup = 5 if method == "running_mean" else 0  # let the running mean settle first
         r = gradient_variance(stage, args.variance_estimates, first_step=10_000, warmup=warmup)
         out[method] = r["relative_variance"]

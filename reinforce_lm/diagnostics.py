@@ -69,28 +69,3 @@ def gradient_variance(
         "mean_sq_norm": mean_sq.item(),
         "relative_variance": (variance / mean_sq).item() if mean_sq > 0 else float("inf"),
     }
-
-
-def build_train_stage(cfg, d=None):
-    """The stage `run_train` would train for `cfg` (models loaded from cfg.model, nothing resumed)."""
-    from reinforce_lm import distributed
-    from reinforce_lm.data import load_prompts
-    from reinforce_lm.models import freeze, load_causal_lm, load_tokenizer
-    from reinforce_lm.rewards import build_rewards
-    from reinforce_lm.runner import load_policy
-
-    d = d or distributed.setup(cfg.device)
-    tokenizer = load_tokenizer(cfg.model)
-    prompts = load_prompts(cfg.prompts, tokenizer, cfg.prompt_column, cfg.messages_column)
-    rewards = build_rewards(cfg.reward, cfg.reward_model, cfg.reward_weights or None, device=str(d.device))
-    policy = load_policy(cfg, d, cfg.model)
-    reference = None
-    if cfg.beta > 0:
-        reference = freeze(load_causal_lm(cfg.ref_model or cfg.model, cfg.dtype, d.device))
-    if cfg.algorithm == "ppo":
-        from reinforce_lm.stages.ppo import build_ppo_stage
-
-        return build_ppo_stage(cfg, policy, tokenizer, reference, rewards, prompts, d)
-    from reinforce_lm.stages.reinforce import ReinforceStage
-
-    return ReinforceStage(cfg, policy, tokenizer, reference, rewards, prompts, d)

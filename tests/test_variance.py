@@ -19,8 +19,9 @@ import torch
 
 from reinforce_lm import toy
 from reinforce_lm.config import TrainConfig
-from reinforce_lm.diagnostics import build_train_stage, gradient_variance
-from reinforce_lm.runner import run_train
+from reinforce_lm.diagnostics import gradient_variance
+from reinforce_lm.distributed import Dist
+from reinforce_lm.runner import build_train_stage, run_train
 
 BASELINES = ("running_mean", "rloo", "grpo", "dr_grpo", "remax", "reinforce_pp", "ppo")
 
@@ -72,7 +73,7 @@ def variances(tmp_path_factory):
                 **common,
             )
             warmup = 3 if method == "running_mean" else 0
-            out[method] = gradient_variance(build_train_stage(cfg), 32, first_step=500, warmup=warmup)
+            out[method] = gradient_variance(build_train_stage(cfg, Dist()), 32, first_step=500, warmup=warmup)
         return out
     finally:
         torch.set_num_threads(threads)

@@ -51,13 +51,26 @@ class Critic(torch.nn.Module):
         hidden = out.last_hidden_state[:, -(n_response + 1) : -1]  # [B, T, H]
         return self.value_head(hidden.float()).squeeze(-1)  # [B, T]
 
-    def save_pretrained(self, path, safe_serialization: bool = True, **kw) -> None:
-        """The backbone as a Hugging Face directory, plus the head in `value_head.safetensors`."""
+    @property
+    def _no_split_modules(self):  # FSDP2 shards the backbone's blocks one by one (distributed.shard)
+        return getattr(self.backbone, "_no_split_modules", None)
+
+    def save_pretrained(self, path, safe_serialization: bool = True, state_dict=None, **kw) -> None:
+        """The backbone as a Hugging Face directory, plus the head in `value_head.safetensors`.
+
+        `state_dict` (the gathered full state under FSDP) has this module's names, split here."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        self.backbone.save_pretrained(path, safe_serialization=safe_serialization, **kw)
-        head = {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}
+        state = self.state_dict() if state_dict is None else state_dict
+        part = {name: {} for name in ("backbone", "value_head")}
+        for k, v in state.items():
+            owner, _, rest = k.partition(".")
+            part[owner][rest] = v
+        self.backbone.save_pretrained(
+            path, state_dict=part["backbone"], safe_serialization=safe_serialization, **kw
+        )
+        head = {k: v.detach().contiguous().cpu() for k, v in part["value_head"].items()}
         save_file(head, str(path / VALUE_HEAD_FILE))
 
 
@@ -92,7 +105,7 @@ class PPOStage:
 
     def __init__(self, cfg, rl: ReinforceStage, critic: torch.nn.Module, d):
         self.cfg, self.rl, self.critic, self.d = cfg, rl, critic, d
-        self.policy, self.tokenizer = rl.policy, rl.tokenizer
+        self.policy, self.tokenizer, self.sampler = rl.policy, rl.tokenizer, rl.sampler
         self.updates_per_batch, self.minibatches = cfg.updates_per_batch, cfg.minibatches
 
     def param_groups(self):
@@ -170,6 +183,7 @@ def build_ppo_stage(cfg, policy, tokenizer, reference, rewards, prompts, d, eval
     if cfg.gradient_checkpointing:
         critic.backbone.gradient_checkpointing_enable()
     critic.train()
-    policy, critic = wrap(policy, d), wrap(critic, d)
+    fsdp = getattr(cfg, "fsdp", False)
+    policy, critic = wrap(policy, d, fsdp=fsdp), wrap(critic, d, fsdp=fsdp)
     rl = ReinforceStage(cfg, policy, tokenizer, reference, rewards, prompts, d, eval_prompts)
     return PPOStage(cfg, rl, critic, d)
