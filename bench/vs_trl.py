@@ -44,11 +44,12 @@ def work_reinforce_lm(job: dict, out_dir: str) -> dict:
     from reinforce_lm.runner import run_train
     from reinforce_lm.stages import reinforce as stage_mod
 
-    ends, logs, rss0 = [], [], []
+    ends, cpu, logs, rss0 = [], [], [], []
 
     class TimedLogger(trainer_mod.MetricsLogger):
         def log(self, step, metrics):
             ends.append(time.perf_counter())
+            cpu.append(time.process_time())
             logs.append(dict(metrics))
             super().log(step, metrics)
 
@@ -86,8 +87,11 @@ def work_reinforce_lm(job: dict, out_dir: str) -> dict:
         ),
     )
     run_train(cfg)
+    phases = ("generate_seconds", "score_seconds", "reference_seconds", "backward_seconds", "step_seconds")
     return {
         "ends": ends,
+        "cpu": cpu,
+        "phases": {k: [m.get(k) for m in logs] for k in phases},
         "tokens": [m["completion_tokens"] for m in logs],
         "rss_start": rss0[0],
         "threads": torch.get_num_threads(),
@@ -100,7 +104,7 @@ def work_trl(job: dict, out_dir: str) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
 
-    ends, logs, rss0 = [], [], []
+    ends, cpu, logs, rss0 = [], [], [], []
 
     class Timer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -108,6 +112,7 @@ def work_trl(job: dict, out_dir: str) -> dict:
 
         def on_step_end(self, args, state, control, **kw):
             ends.append(time.perf_counter())
+            cpu.append(time.process_time())
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "completions/mean_length" in logs:
@@ -156,6 +161,7 @@ def work_trl(job: dict, out_dir: str) -> dict:
     trainer.train()
     return {
         "ends": ends,
+        "cpu": cpu,
         "tokens": [lg["completions/mean_length"] * B for lg in logs],
         "rss_start": rss0[0],
         "threads": torch.get_num_threads(),
@@ -163,13 +169,18 @@ def work_trl(job: dict, out_dir: str) -> dict:
 
 
 def worker(job: dict) -> None:
+    import torch
+
+    torch.set_num_threads(job["threads"])
     with tempfile.TemporaryDirectory() as out:
         fn = work_reinforce_lm if job["impl"] == "reinforce-lm" else work_trl
         res = fn(job, out)
     w = job["warmup"]
     timed = res["ends"][w:]
     tokens = sum(res["tokens"][w + 1 :]) if len(timed) > 1 else float("nan")
+    cpu = res["cpu"][w:]
     res.update(
+        cpu_tokens_per_s=tokens / (cpu[-1] - cpu[0]) if len(cpu) > 1 else float("nan"),
         tokens_per_s=tokens / (timed[-1] - timed[0]) if len(timed) > 1 else float("nan"),
         step_s=(timed[-1] - timed[0]) / (len(timed) - 1) if len(timed) > 1 else float("nan"),
         mean_tokens_per_step=sum(res["tokens"]) / max(1, len(res["tokens"])),
@@ -184,6 +195,7 @@ def worker(job: dict) -> None:
 def run_job(job: dict, verbose: bool) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+    env.update(OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode or not lines:
@@ -193,7 +205,8 @@ def run_job(job: dict, verbose: bool) -> dict:
     if verbose:
         print(
             f"  {job['model']:6s} {job['impl']:12s} {job['estimator']} beta={job['beta']}: "
-            f"{res['tokens_per_s']:8.1f} tok/s, step {res['step_s']:.3f}s, peak {res['peak_rss']:.0f} MiB, "
+            f"{res['tokens_per_s']:8.1f} tok/s ({res['cpu_tokens_per_s']:8.1f} per CPU-s), "
+            f"step {res['step_s']:.3f}s, peak {res['peak_rss']:.0f} MiB, "
             f"tokens/step {res['mean_tokens_per_step']:.0f}",
             flush=True,
         )
@@ -219,6 +232,13 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, help="T (default: tiny 64, medium 32)")
     ap.add_argument("--micro-batch", type=int, help="sequences per forward/backward (tiny 16, medium 8)")
     ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of every run (1 by default: on a shared, oversubscribed CPU two OpenMP threads "
+        "wait on each other at every op, and the timings measure the neighbours rather than the trainers)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
     ap.add_argument("--out", default=str(HERE / "results" / "vs_trl.md"))
     args = ap.parse_args()
@@ -237,7 +257,7 @@ def main() -> None:
         for pair in args.pairs:
             for beta in args.betas:
                 base = dict(size, model=model, model_dir=model_dir, estimator=pair, beta=beta, lr=args.lr)
-                base["warmup"] = args.warmup
+                base.update(warmup=args.warmup, threads=args.threads)
                 runs = {"reinforce-lm": [], "trl": []}
                 for _ in range(args.repeats):
                     for impl in runs:
@@ -258,23 +278,27 @@ def render(rows, args) -> str:
         "",
         f"Command: `{cmd.strip()}`  ",
         f"Medians of {args.repeats} interleaved runs, each a fresh process (CPU, fp32, "
-        f"{os.cpu_count()} cores, torch threads as the default). tok/s: completion tokens per second of "
-        "training after the warm-up step(s); peak: peak RSS of the process; +train: peak minus RSS at the "
-        "start of step 1 (models loaded, no optimiser state yet).",
+        f"{os.cpu_count()} cores, {args.threads} torch thread(s) per run). tok/s: completion tokens per "
+        "second of training after the warm-up step(s); tok/CPU-s: the same per second of the process's "
+        "CPU time (steadier while neighbours take the CPU); peak: peak RSS of the process; "
+        "+train: peak minus RSS at the start of step 1 (models loaded, no optimiser state yet).",
         "",
-        "| model | TRL trainer | beta | P x K x T | r-lm tok/s | TRL tok/s | **speed ratio** | r-lm peak MiB "
+        "| model | TRL trainer | beta | P x K x T | r-lm tok/s | TRL tok/s | **speed ratio** "
+        "| r-lm tok/CPU-s | TRL tok/CPU-s | **CPU ratio** | r-lm peak MiB "
         "| TRL peak MiB | **peak ratio** | r-lm +train MiB | TRL +train MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, pair, beta, size, runs in rows:
         r, t = runs["reinforce-lm"], runs["trl"]
         rt, tt = med(x["tokens_per_s"] for x in r), med(x["tokens_per_s"] for x in t)
+        rc, tc = med(x["cpu_tokens_per_s"] for x in r), med(x["cpu_tokens_per_s"] for x in t)
         rp, tp = med(x["peak_rss"] for x in r), med(x["peak_rss"] for x in t)
         rd = med(x["peak_rss"] - x["rss_start"] for x in r)
         td = med(x["peak_rss"] - x["rss_start"] for x in t)
         out.append(
             f"| {model} | {PAIRS[pair][1]} | {beta:g} | {size['p']}x{size['k']}x{size['t']} | {rt:.0f} | "
-            f"{tt:.0f} | **{rt / tt:.2f}x** | {rp:.0f} | {tp:.0f} | **{rp / tp:.2f}x** | "
+            f"{tt:.0f} | **{rt / tt:.2f}x** | {rc:.0f} | {tc:.0f} | **{rc / tc:.2f}x** "
+            f"| {rp:.0f} | {tp:.0f} | **{rp / tp:.2f}x** | "
             f"{rd:.0f} | {td:.0f} |"
         )
     out.append("")
