@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from reinforce_lm import toy
 from reinforce_lm.config import TrainConfig
 from reinforce_lm.metrics import read_metrics
@@ -24,57 +26,115 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def sparkline(values: list[float], width: int = 40) -> str:
-    bars = " ▁▂▃▄▅▆▇█"
-    return "".join(bars[min(8, max(0, int(v * 8 + 0.5)))] for v in values[:width])
+def sparkline(values: list[float]) -> str:
+    """Values scaled between their min and max, as block characters."""
+    bars = "▁▂▃▄▅▆▇█"
+    lo, hi = min(values), max(values)
+    return "".join(bars[int((v - lo) / (hi - lo + 1e-12) * 7 + 0.5)] for v in values)
+
+
+def train_curve(run_dir: Path) -> list[float]:
+    rewards = [row["reward_mean"] for row in read_metrics(run_dir / "metrics.jsonl")]
+    chunk = max(1, len(rewards) // 10)
+    return [sum(rewards[i : i + chunk]) / len(rewards[i : i + chunk]) for i in range(0, len(rewards), chunk)]
 
 
 def run_demo(output_dir: str | None = None, steps: int | None = None, seed: int = 0) -> dict:
+    """SFT -> reward model -> REINFORCE (RLOO) on the built-in task; prints curves and a held-out table."""
     from reinforce_lm.runner import run_eval_mean, run_train
+    from reinforce_lm.stages.reward_model import RewardConfig, run_reward
+    from reinforce_lm.stages.sft import SFTConfig, run_sft
 
     start = time.perf_counter()
+    torch.set_num_threads(1)  # tiny models: one thread beats two (and leaves a core for the tokenizer)
     root = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="reinforce-lm-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    model_dir = root / "model"
-    if not (model_dir / "config.json").exists():
-        toy.save_tiny_model(model_dir, arch="llama", seed=seed, hidden=64)
-    prompts = write_jsonl(root / "prompts.jsonl", toy.letter_prompts(512, seed=seed))
-    held_out = write_jsonl(root / "held_out.jsonl", toy.letter_prompts(100, seed=seed + 1))
-    print(f"demo: tiny Llama ({model_dir}), task: answer 'c?' with c's; reward = share of c's")
+    steps = steps or 100
+    base = root / "base"
+    if not (base / "config.json").exists():
+        toy.save_tiny_model(base, arch="llama", seed=seed, hidden=64)
+    files = {
+        "sft": write_jsonl(root / "sft.jsonl", toy.sft_rows(256, 4, seed)),
+        "pairs": write_jsonl(root / "preferences.jsonl", toy.preference_rows(512, 4, seed + 1)),
+        "prompts": write_jsonl(root / "prompts.jsonl", toy.letter_prompts(512, seed + 2)),
+        "held_out": write_jsonl(root / "held_out.jsonl", toy.letter_prompts(100, seed + 3)),
+    }
+    print("demo: a tiny Llama learns to answer 'c?' with c's (reward: share of c's), no download")
+    common = dict(seed=seed, progress=False, resume=True)
 
-    cfg = TrainConfig(
-        model=str(model_dir),
-        prompts=str(prompts),
-        eval_prompts=str(held_out),
-        reward=[REWARD],
+    print("\n[1/4] SFT on demonstrations (a few steps: a weak start leaves RL something to do)")
+    run_sft(
+        SFTConfig(
+            model=str(base),
+            data=str(files["sft"]),
+            output_dir=str(root / "sft"),
+            steps=max(2, steps // 25),
+            lr=3e-3,
+            batch_size=16,
+            **common,
+        )
+    )
+    print("[2/4] Bradley-Terry reward model on preference pairs")
+    run_reward(
+        RewardConfig(
+            model=str(root / "sft"),
+            data=str(files["pairs"]),
+            output_dir=str(root / "rm"),
+            steps=max(2, steps // 2),
+            lr=1e-3,
+            batch_size=32,
+            **common,
+        )
+    )
+    rl = dict(
+        prompts=str(files["prompts"]),
         estimator="rloo",
         samples_per_prompt=8,
         prompts_per_step=16,
         max_new_tokens=8,
-        lr=1e-2,
+        lr=5e-3,
         warmup_steps=5,
-        steps=steps or 120,
-        beta=0.01,
-        seed=seed,
-        output_dir=str(root / "rl"),
-        resume=True,
+        steps=steps,
+        beta=0.02,
+        **common,
     )
-    before = run_eval_mean(str(model_dir), str(held_out), [REWARD], max_new_tokens=8, seed=seed)
-    run_train(cfg)
-    after = run_eval_mean(str(root / "rl"), str(held_out), [REWARD], max_new_tokens=8, seed=seed)
-    rewards = [row["reward_mean"] for row in read_metrics(root / "rl" / "metrics.jsonl")]
-    chunk = max(1, len(rewards) // 10)
-    curve = [sum(rewards[i : i + chunk]) / len(rewards[i : i + chunk]) for i in range(0, len(rewards), chunk)]
-    print("\nreward during training (mean of each tenth of the run):")
-    for i, v in enumerate(curve):
-        print(
-            f"  steps {i * chunk + 1:4d}-{min(len(rewards), (i + 1) * chunk):4d}  {v:.3f}  {'#' * int(v * 50)}"
+    print("[3/4] REINFORCE (RLOO) against the verifiable reward")
+    run_train(
+        TrainConfig(model=str(root / "sft"), reward=[REWARD], output_dir=str(root / "rl_verifiable"), **rl)
+    )
+    print("[4/4] REINFORCE (RLOO) against the learned reward model")
+    run_train(
+        TrainConfig(
+            model=str(root / "sft"),
+            reward_model=[str(root / "rm")],
+            output_dir=str(root / "rl_reward_model"),
+            **rl,
         )
-    print(f"\n  {sparkline(curve)}")
-    print("\nheld-out reward (100 prompts, one sample each)")
-    print("  | stage        | reward |")
-    print("  |--------------|--------|")
-    print(f"  | before RL    | {before:.3f}  |")
-    print(f"  | after RLOO   | {after:.3f}  |")
+    )
+
+    def held_out(model: Path) -> tuple[float, float]:
+        kw = dict(max_new_tokens=8, seed=seed)
+        task = run_eval_mean(str(model), str(files["held_out"]), [REWARD], **kw)
+        rm = run_eval_mean(str(model), str(files["held_out"]), [], reward_model=[str(root / "rm")], **kw)
+        return task, rm
+
+    rows = {
+        name: held_out(root / d)
+        for name, d in [
+            ("base model", "base"),
+            ("SFT", "sft"),
+            ("RL, verifiable reward", "rl_verifiable"),
+            ("RL, reward model", "rl_reward_model"),
+        ]
+    }
+    for name, run in (("verifiable", "rl_verifiable"), ("reward model", "rl_reward_model")):
+        curve = train_curve(root / run)
+        print(f"\ntraining reward, RL against the {name} (mean of each tenth of the run):")
+        print("  " + "  ".join(f"{v:.2f}" for v in curve) + f"   {sparkline(curve)}")
+    print("\nheld-out prompts (100, one sample each): mean reward")
+    print("  | policy                 | task reward | reward-model score |")
+    print("  |------------------------|-------------|--------------------|")
+    for name, (task, rm) in rows.items():
+        print(f"  | {name:<22} | {task:11.3f} | {rm:18.3f} |")
     print(f"\ndone in {time.perf_counter() - start:.0f} s; files in {root}")
-    return {"before": before, "after": after, "curve": curve, "root": str(root)}
+    return {"table": rows, "root": str(root)}

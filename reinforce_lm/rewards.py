@@ -79,6 +79,9 @@ class RewardModel:
     def __init__(self, path, device="cpu", dtype=None, batch_size: int = 32, max_length: int = 1024):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from reinforce_lm.models import resolve_model_path
+
+        path = resolve_model_path(str(path))  # a reward run's output directory: its latest checkpoint
         self.name = f"reward_model:{Path(str(path)).name}"
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))

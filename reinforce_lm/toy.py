@@ -115,3 +115,37 @@ def letter_reward(prompts, completions, letter=None, **_) -> list[float]:
         text = text.strip()
         scores.append(sum(ch == want for ch in text) / len(text) if text else 0.0)
     return scores
+
+
+def completion_with(rng: random.Random, letter: str, hits: int, length: int) -> str:
+    """A string of `length` task letters of which exactly `hits` are `letter`, in random order."""
+    others = [c for c in TASK_LETTERS if c != letter]
+    chars = [letter] * hits + [rng.choice(others) for _ in range(length - hits)]
+    rng.shuffle(chars)
+    return "".join(chars)
+
+
+def sft_rows(n: int, length: int, seed: int) -> list[dict]:
+    """Demonstrations: the asked letter `length` times."""
+    return [{"prompt": r["prompt"], "completion": r["letter"] * length} for r in letter_prompts(n, seed)]
+
+
+def preference_rows(n: int, length: int, seed: int) -> list[dict]:
+    """Pairs ranked by the task's verifiable reward (the share of the asked letter), of three kinds, so
+    that the reward model must read the prompt rather than learn that some letters are good:
+    graded (chosen holds more of the asked letter), another letter repeated (rejected "iiii" for "c?"),
+    and an empty rejected answer."""
+    rng = random.Random(seed)
+    rows = []
+    for i, r in enumerate(letter_prompts(n, seed)):
+        letter, kind = r["letter"], i % 4
+        better = rng.randint(1, length)
+        chosen = completion_with(rng, letter, better, length)
+        if kind == 2:
+            rejected = rng.choice([c for c in TASK_LETTERS if c != letter]) * length
+        elif kind == 3:
+            rejected = ""
+        else:
+            rejected = completion_with(rng, letter, rng.randint(0, better - 1), length)
+        rows.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected})
+    return rows

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 from reinforce_lm import toy
@@ -26,40 +25,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def completion_with(rng: random.Random, letter: str, hits: int, length: int) -> str:
-    """A string of `length` task letters of which exactly `hits` are `letter`, in random order."""
-    others = [c for c in toy.TASK_LETTERS if c != letter]
-    chars = [letter] * hits + [rng.choice(others) for _ in range(length - hits)]
-    rng.shuffle(chars)
-    return "".join(chars)
-
-
-def sft_rows(n: int, length: int, seed: int) -> list[dict]:
-    """Demonstrations: the asked letter `length` times."""
-    return [{"prompt": r["prompt"], "completion": r["letter"] * length} for r in toy.letter_prompts(n, seed)]
-
-
-def preference_rows(n: int, length: int, seed: int) -> list[dict]:
-    """Pairs ranked by the task's verifiable reward (the share of the asked letter), of three kinds, so
-    that the reward model must read the prompt rather than learn that some letters are good:
-    graded (chosen holds more of the asked letter), another letter repeated (rejected "iiii" for "c?"),
-    and an empty rejected answer."""
-    rng = random.Random(seed)
-    rows = []
-    for i, r in enumerate(toy.letter_prompts(n, seed)):
-        letter, kind = r["letter"], i % 4
-        better = rng.randint(1, length)
-        chosen = completion_with(rng, letter, better, length)
-        if kind == 2:
-            rejected = rng.choice([c for c in toy.TASK_LETTERS if c != letter]) * length
-        elif kind == 3:
-            rejected = ""
-        else:
-            rejected = completion_with(rng, letter, rng.randint(0, better - 1), length)
-        rows.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected})
-    return rows
 
 
 def make_all(
@@ -75,8 +40,8 @@ def make_all(
     """Write the four files (and the base model); returns their paths by name."""
     out = Path(out)
     paths = {
-        "sft": write_jsonl(out / "sft.jsonl", sft_rows(n_sft, length, seed)),
-        "preferences": write_jsonl(out / "preferences.jsonl", preference_rows(n_pairs, length, seed + 1)),
+        "sft": write_jsonl(out / "sft.jsonl", toy.sft_rows(n_sft, length, seed)),
+        "preferences": write_jsonl(out / "preferences.jsonl", toy.preference_rows(n_pairs, length, seed + 1)),
         "prompts": write_jsonl(out / "prompts.jsonl", toy.letter_prompts(n_prompts, seed + 2)),
         "eval_prompts": write_jsonl(out / "eval_prompts.jsonl", toy.letter_prompts(n_eval, seed + 3)),
     }
