@@ -243,9 +243,11 @@ def test_bad_values_are_rejected(task):
 
 
 def test_demo_runs(tmp_path, capsys):
-    cli.main(["demo", "--output-dir", str(tmp_path), "--steps", "3"])
+    cli.main(["demo", "--output-dir", str(tmp_path), "--steps", "4"])
     out = capsys.readouterr().out
-    assert "before RL" in out and "after RLOO" in out
+    for row in ("base model", "SFT", "RL, verifiable reward", "RL, reward model"):
+        assert f"| {row}" in out
+    assert (tmp_path / "rl_verifiable" / "latest").is_file()
 
 
 @pytest.mark.skipif(os.name != "posix", reason="signals")
