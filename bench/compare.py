@@ -309,7 +309,12 @@ def main(argv=None) -> None:
         "itself the reward is about 0.03 and the mean gradient is lost in its noise); PPO's critic is "
         "untrained there (V = 0). Memory: peak RSS of the run's process; 'training RSS' is that peak "
         "minus the RSS before `run_train` (after imports); 'weights+grads+Adam' counts the bytes of "
-        "the trained models' weights, gradients and two AdamW moments plus the frozen reference.\n"
+        "the trained models' weights, gradients and two AdamW moments plus the frozen reference.\n\n"
+        "Caveat: with few samples per estimate the estimates are heavy-tailed (a rare low-probability "
+        "token has a large score), so ||E g||^2 is poorly determined and these ratios move between "
+        "runs; a baseline can also raise variance here (a global baseline when prompts differ in "
+        "difficulty, ReMax when the greedy answer scores far above the samples). The robust check is "
+        "tests/test_variance.py (score shifted by +1, where every baseline must win by 3x).\n"
     )
     (args.out / "compare.md").write_text(text + "\n\n" + notes)
     print(
