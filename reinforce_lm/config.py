@@ -174,8 +174,10 @@ class TrainConfig(EngineConfig):
                 f"reward_weights has {len(self.reward_weights)} values for "
                 f"{len(self.reward) + len(self.reward_model)} rewards"
             )
+        group_estimators = ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline")
         if (
-            self.estimator in ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline")
+            self.algorithm == "reinforce"
+            and self.estimator in group_estimators
             and self.samples_per_prompt < 2
         ):
             raise ConfigError(f"estimator {self.estimator} needs samples_per_prompt >= 2 (a group baseline)")

@@ -240,6 +240,7 @@ def test_bad_values_are_rejected(task):
         config(task, Path("x"), estimator="rlooo")
     with pytest.raises(Exception, match="samples_per_prompt"):
         config(task, Path("x"), estimator="grpo", samples_per_prompt=1)
+    config(task, Path("x"), algorithm="ppo", samples_per_prompt=1)  # PPO's critic is its baseline
 
 
 def test_demo_runs(tmp_path, capsys):
