@@ -436,3 +436,22 @@ def split_eval(items: list, eval_fraction: float, seed: int) -> tuple[list, list
     chosen = set(random.Random(seed).sample(range(len(items)), n_eval))
     train = [x for i, x in enumerate(items) if i not in chosen]
     return train, [x for i, x in enumerate(items) if i in chosen]
+
+
+def epoch_indices(n: int, start: int, count: int, seed: int) -> torch.Tensor:
+    """Positions start..start+count of an endless stream of seeded permutations of range(n): [count]."""
+    out, pos = [], start
+    while len(out) < count:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        take = perm[offset : offset + count - len(out)].tolist()
+        out += take
+        pos += len(take)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def step_indices(n: int, step: int, batch_size: int, rank: int, world_size: int, seed: int) -> torch.Tensor:
+    """This rank's rows of the global batch of `step`: the data position is a function of the step (exact
+    resume), and N processes together read exactly what one process reads. [batch_size // world_size]"""
+    per_rank = batch_size // world_size
+    return epoch_indices(n, step * batch_size + rank * per_rank, per_rank, seed)

@@ -15,6 +15,7 @@ import torch
 from reinforce_lm import checkpoint, distributed
 from reinforce_lm.data import load_prompts
 from reinforce_lm.errors import ConfigError
+from reinforce_lm.metrics import MetricsLogger
 from reinforce_lm.models import (
     RefViaDisabledAdapter,
     apply_lora,
@@ -103,24 +104,51 @@ def build_train_stage(cfg, d, resume=None):
     return stage
 
 
-def run_train(cfg) -> int:
+def write_run_config(cfg, d) -> None:
+    """The run's options as `run_config.json` (not `config.json`: the output directory must not look like a
+    model directory, so that `--model OUT` resolves to its latest checkpoint)."""
+    if d.is_main:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        text = json.dumps(vars(cfg), indent=2, default=str)
+        (Path(cfg.output_dir) / "run_config.json").write_text(text)
+
+
+def log_initial_eval(stage, cfg, d) -> dict[str, float]:
+    """Evaluate the starting model and log it as step 0 of metrics.jsonl (kept by the loop's logger)."""
+    metrics = stage.evaluate()
+    if metrics:
+        logger = MetricsLogger(cfg.output_dir, cfg.steps, 0, enabled=d.is_main, progress=False)
+        logger.log(0, metrics)
+        logger.close()
+        if d.is_main:
+            print("before training: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+def run_stage(cfg, build, use_as: str = "--model") -> int:
+    """The life of every run: processes, seed, resume, `build(cfg, d, resume) -> stage`, a step-0
+    evaluation, the one loop, and the closing line. Returns the exit code (130 when interrupted)."""
     d = distributed.setup(cfg.device)
     try:
         seed_everything(cfg.seed)
         resume = prepare_output(cfg)
-        stage = build_train_stage(cfg, d, resume)
-        if d.is_main:
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.output_dir) / "run_config.json").write_text(
-                json.dumps(vars(cfg), indent=2, default=str)
-            )
+        stage = build(cfg, d, resume)
+        cfg = getattr(stage, "cfg", cfg)  # a stage may settle defaults that depend on its data
+        write_run_config(cfg, d)
+        if resume is None:
+            log_initial_eval(stage, cfg, d)
         result = fit(stage, cfg, d, resume_from=resume)
         if d.is_main:
             what = "interrupted; checkpoint" if result["interrupted"] else "done; model"
-            print(f"{what} at {result['checkpoint']} (step {result['step']})")
+            print(f"{what} at {result['checkpoint']} (step {result['step']}); pass {use_as} {cfg.output_dir}")
         return 130 if result["interrupted"] else 0
     finally:
         distributed.teardown()
+
+
+def run_train(cfg) -> int:
+    """`reinforce-lm train`: REINFORCE estimators or PPO."""
+    return run_stage(cfg, build_train_stage)
 
 
 def evaluate(cfg, d):

@@ -13,23 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from reinforce_lm import algorithms as A
-from reinforce_lm.data import PromptData
+from reinforce_lm.data import PromptData, step_indices
 from reinforce_lm.distributed import Dist, unwrap
 from reinforce_lm.models import token_logprobs
 from reinforce_lm.rewards import RewardSet
 from reinforce_lm.rollout import Rollout, Sampler, row_seeds
-
-
-def epoch_indices(n: int, start: int, count: int, seed: int) -> torch.Tensor:
-    """Positions start..start+count of an endless stream of seeded permutations of range(n)."""
-    out, pos = [], start
-    while len(out) < count:
-        epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        take = perm[offset : offset + count - len(out)].tolist()
-        out += take
-        pos += len(take)
-    return torch.tensor(out, dtype=torch.long)
 
 
 def trim(batch: dict[str, torch.Tensor], n_prompt: int) -> dict[str, torch.Tensor]:
@@ -126,7 +114,7 @@ class ReinforceStage:
         K = cfg.samples_per_prompt
         positions = torch.arange(step * cfg.prompts_per_step, (step + 1) * cfg.prompts_per_step)
         positions = positions[d.rank * P : (d.rank + 1) * P]  # this rank's prompts; groups never split
-        idx = epoch_indices(len(self.prompts), int(positions[0]), P, cfg.seed)
+        idx = step_indices(len(self.prompts), step, cfg.prompts_per_step, d.rank, d.world_size, cfg.seed)
         texts = [self.prompts.texts[i] for i in idx.tolist()]
         columns = self._columns(self.prompts, idx, K)
         policy = unwrap(self.policy)

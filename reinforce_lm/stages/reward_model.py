@@ -18,11 +18,10 @@ from reinforce_lm import algorithms as A
 from reinforce_lm import distributed
 from reinforce_lm.cli import register
 from reinforce_lm.config import EngineConfig, _f, _positive
-from reinforce_lm.data import collate_preferences, load_preferences, split_eval
+from reinforce_lm.data import collate_preferences, load_preferences, split_eval, step_indices
 from reinforce_lm.distributed import Dist, unwrap
 from reinforce_lm.errors import ConfigError
-from reinforce_lm.stages.reinforce import epoch_indices
-from reinforce_lm.stages.sft import log_initial_eval, rank_chunks, reshard, resolve_eval_every, write_config
+from reinforce_lm.stages.sft import rank_chunks, reshard, resolve_eval_every
 
 
 @dataclass
@@ -115,8 +114,7 @@ class RewardStage:
 
     def collect(self, step: int):
         cfg, d = self.cfg, self.d
-        per_rank = cfg.batch_size // d.world_size
-        idx = epoch_indices(len(self.train), step * cfg.batch_size + d.rank * per_rank, per_rank, cfg.seed)
+        idx = step_indices(len(self.train), step, cfg.batch_size, d.rank, d.world_size, cfg.seed)
         return self._batch([self.train[i] for i in idx.tolist()]), {
             "epoch": (step + 1) * cfg.batch_size / len(self.train)
         }
@@ -176,42 +174,30 @@ def load_preference_splits(cfg: RewardConfig, tokenizer) -> tuple[list[dict], li
     return split_eval(pairs, cfg.eval_fraction, cfg.seed)
 
 
+def build_reward_stage(cfg: RewardConfig, d: Dist, resume=None) -> RewardStage:
+    """Tokenizer, preference pairs (errors before any model is loaded), a one-label scorer -> the stage."""
+    from reinforce_lm.models import disable_dropout, load_tokenizer
+
+    source = str(resume) if resume else cfg.model
+    tokenizer = load_tokenizer(source, padding_side="right")
+    train, held_out = load_preference_splits(cfg, tokenizer)
+    cfg = resolve_eval_every(cfg, len(train))
+    if d.is_main:
+        print(f"reward: {len(train)} training and {len(held_out)} held-out pairs")
+    sharded = cfg.fsdp and d.enabled  # FSDP shards from CPU memory, moving shard by shard
+    model = load_reward_backbone(source, tokenizer, cfg.dtype, "cpu" if sharded else d.device)
+    disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    return RewardStage(cfg, distributed.wrap(model, d, fsdp=cfg.fsdp), tokenizer, train, held_out, d)
+
+
 def run_reward(cfg: RewardConfig) -> int:
     """`reinforce-lm reward`; also the Python entry point. Returns an exit code (130 when interrupted)."""
-    from reinforce_lm.models import disable_dropout, load_tokenizer
-    from reinforce_lm.runner import prepare_output, seed_everything
-    from reinforce_lm.trainer import fit
+    from reinforce_lm.runner import run_stage
 
-    d = distributed.setup(cfg.device)
-    try:
-        seed_everything(cfg.seed)
-        resume = prepare_output(cfg)
-        source = str(resume) if resume else cfg.model
-        tokenizer = load_tokenizer(source, padding_side="right")
-        train, held_out = load_preference_splits(cfg, tokenizer)
-        cfg = resolve_eval_every(cfg, len(train))
-        if d.is_main:
-            print(f"reward: {len(train)} training and {len(held_out)} held-out pairs")
-        sharded = cfg.fsdp and d.enabled  # FSDP shards from CPU memory, moving shard by shard
-        model = load_reward_backbone(source, tokenizer, cfg.dtype, "cpu" if sharded else d.device)
-        disable_dropout(model)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        model.train()
-        stage = RewardStage(cfg, distributed.wrap(model, d, fsdp=cfg.fsdp), tokenizer, train, held_out, d)
-        write_config(cfg, d)
-        if resume is None:
-            log_initial_eval(stage, cfg, d)
-        result = fit(stage, cfg, d, resume_from=resume)
-        if d.is_main:
-            what = "interrupted; checkpoint" if result["interrupted"] else "done; reward model"
-            print(
-                f"{what} at {result['checkpoint']} (step {result['step']}); "
-                f"pass --reward-model {result['checkpoint']}"
-            )
-        return 130 if result["interrupted"] else 0
-    finally:
-        distributed.teardown()
+    return run_stage(cfg, build_reward_stage, use_as="--reward-model")
 
 
 register(

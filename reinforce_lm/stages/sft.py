@@ -8,10 +8,8 @@ by the GLOBAL label-token count, so micro-batching and processes change nothing.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +17,9 @@ import torch.nn.functional as F
 from reinforce_lm import distributed
 from reinforce_lm.cli import register
 from reinforce_lm.config import EngineConfig, _f, _positive
-from reinforce_lm.data import IGNORE_INDEX, collate_sft, load_sft, pack_sft, split_eval
+from reinforce_lm.data import IGNORE_INDEX, collate_sft, load_sft, pack_sft, split_eval, step_indices
 from reinforce_lm.distributed import Dist, unwrap
 from reinforce_lm.errors import ConfigError
-from reinforce_lm.metrics import MetricsLogger
-from reinforce_lm.stages.reinforce import epoch_indices
 
 
 @dataclass
@@ -96,8 +92,7 @@ class SFTStage:
 
     def collect(self, step: int):
         cfg, d = self.cfg, self.d
-        per_rank = cfg.batch_size // d.world_size
-        idx = epoch_indices(len(self.train), step * cfg.batch_size + d.rank * per_rank, per_rank, cfg.seed)
+        idx = step_indices(len(self.train), step, cfg.batch_size, d.rank, d.world_size, cfg.seed)
         batch = collate_sft([self.train[i] for i in idx.tolist()], self.pad_id)
         batch["mask"] = shifted_mask(batch["labels"])  # [B, L-1]: the loop's token count
         batch = {k: v.to(d.device) for k, v in batch.items()}
@@ -171,55 +166,25 @@ def resolve_eval_every(cfg, n_train: int):
     return dataclasses.replace(cfg, eval_every=max(1, math.ceil(n_train / cfg.batch_size)))
 
 
-def log_initial_eval(stage, cfg, d: Dist) -> dict[str, float]:
-    """Evaluate the starting model and log it as step 0 of metrics.jsonl (kept by the loop's logger)."""
-    metrics = stage.evaluate()
-    if metrics:
-        logger = MetricsLogger(cfg.output_dir, cfg.steps, 0, enabled=d.is_main, progress=False)
-        logger.log(0, metrics)
-        logger.close()
-        if d.is_main:
-            print("before training: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    return metrics
+def build_sft_stage(cfg: SFTConfig, d: Dist, resume=None) -> SFTStage:
+    """Tokenizer, data (errors before any model is loaded), policy -> the SFT stage."""
+    from reinforce_lm.models import load_tokenizer
+    from reinforce_lm.runner import load_policy
 
-
-def write_config(cfg, d: Dist) -> None:
-    """The run's options as `run_config.json`: not `config.json`, which would make the output directory
-    look like a model directory to `models.resolve_model_path` (so `--model OUT` would not resolve)."""
+    tokenizer = load_tokenizer(str(resume) if resume else cfg.model)
+    train, held_out = load_sft_splits(cfg, tokenizer)
+    cfg = resolve_eval_every(cfg, len(train))
     if d.is_main:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        text = json.dumps(vars(cfg), indent=2, default=str)
-        (Path(cfg.output_dir) / "run_config.json").write_text(text)
+        print(f"sft: {len(train)} training and {len(held_out)} held-out examples")
+    policy = load_policy(cfg, d, str(resume) if resume else cfg.model, resume)
+    return SFTStage(cfg, distributed.wrap(policy, d, fsdp=cfg.fsdp), tokenizer, train, held_out, d)
 
 
 def run_sft(cfg: SFTConfig) -> int:
     """`reinforce-lm sft`; also the Python entry point. Returns an exit code (130 when interrupted)."""
-    from reinforce_lm.models import load_tokenizer
-    from reinforce_lm.runner import load_policy, prepare_output, seed_everything
-    from reinforce_lm.trainer import fit
+    from reinforce_lm.runner import run_stage
 
-    d = distributed.setup(cfg.device)
-    try:
-        seed_everything(cfg.seed)
-        resume = prepare_output(cfg)
-        tokenizer = load_tokenizer(str(resume) if resume else cfg.model)
-        train, held_out = load_sft_splits(cfg, tokenizer)
-        cfg = resolve_eval_every(cfg, len(train))
-        if d.is_main:
-            print(f"sft: {len(train)} training and {len(held_out)} held-out examples")
-        policy = load_policy(cfg, d, str(resume) if resume else cfg.model, resume)
-        model = distributed.wrap(policy, d, fsdp=cfg.fsdp)
-        stage = SFTStage(cfg, model, tokenizer, train, held_out, d)
-        write_config(cfg, d)
-        if resume is None:
-            log_initial_eval(stage, cfg, d)
-        result = fit(stage, cfg, d, resume_from=resume)
-        if d.is_main:
-            what = "interrupted; checkpoint" if result["interrupted"] else "done; model"
-            print(f"{what} at {result['checkpoint']} (step {result['step']}); pass --model {cfg.output_dir}")
-        return 130 if result["interrupted"] else 0
-    finally:
-        distributed.teardown()
+    return run_stage(cfg, build_sft_stage)
 
 
 register(
