@@ -16,10 +16,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def resolve_model_path(path: str) -> str:
     """A run's output directory stands for its latest checkpoint; anything else is passed through."""
-    p = Path(path)
+    p = Path(path).expanduser()
     if p.is_dir() and (p / "latest").is_file():
         return str(p / (p / "latest").read_text().strip())
-    return path
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or path.endswith("/")
+    if looks_local and not p.exists():  # a hub id is "name" or "org/name"
+        raise ConfigError(f"model directory {path} does not exist")
+    return str(p) if p.exists() else path
 
 
 def load_tokenizer(path: str, padding_side: str = "left"):

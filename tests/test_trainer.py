@@ -258,3 +258,9 @@ def test_cli_help_lists_every_estimator(capsys):
     out = capsys.readouterr().out
     for name in ("rloo", "grpo", "dr_grpo", "remax", "reinforce_pp"):
         assert name in out
+
+
+def test_missing_model_directory_is_named(task, tmp_path, capsys):
+    a = args(task, tmp_path)
+    a[a.index("--model") + 1] = str(tmp_path / "no-such-model")
+    assert "no-such-model does not exist" in run_cli(a, capsys)
