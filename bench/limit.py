@@ -119,7 +119,8 @@ def reinforce_lm_steps(model_dir: str, size: dict, beta: float, steps: int) -> l
     class Marked(trainer_mod.MetricsLogger):
         def log(self, step, metrics):
             marks.append((time.perf_counter(), time.process_time()))
-            rows.append(dict(metrics, wall=marks[-1][0] - marks[-2][0], cpu=marks[-1][1] - marks[-2][1]))
+            w, c = marks[-1][0] - marks[-2][0], marks[-1][1] - marks[-2][1]
+            rows.append(dict(metrics, wall=w, cpu=c, peak=common.peak_rss_mib()))
             super().log(step, metrics)
 
     trainer_mod.MetricsLogger = Marked
@@ -207,14 +208,15 @@ def measure(model_name: str, beta: float, repeats: int, steps: int) -> dict:
 
 
 def peak_rss_of_run(model_name: str, beta: float, steps: int, threads: int) -> dict:
-    """Peak RSS of reinforce-lm training in a fresh process, and its RSS after imports."""
+    """Peak RSS of reinforce-lm training in a fresh process up to the end of its last step (before the
+    final checkpoint is written), and its RSS after imports."""
     code = (
         f"import sys, json, torch; sys.path.insert(0, {str(HERE)!r}); import common, limit\n"
         f"torch.set_num_threads({threads}); import reinforce_lm.runner, transformers\n"
         "base = common.current_rss_mib()\n"
         f"d = str(common.build({model_name!r}))\n"
-        f"limit.reinforce_lm_steps(d, limit.SIZES[{model_name!r}], {beta}, {steps})\n"
-        "print('RESULT', json.dumps({'base': base, 'peak': common.peak_rss_mib()}))\n"
+        f"rows = limit.reinforce_lm_steps(d, limit.SIZES[{model_name!r}], {beta}, {steps})\n"
+        "print('RESULT', json.dumps({'base': base, 'peak': rows[-1]['peak']}))\n"
     )
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TRANSFORMERS_VERBOSITY="error")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

@@ -44,12 +44,13 @@ def work_reinforce_lm(job: dict, out_dir: str) -> dict:
     from reinforce_lm.runner import run_train
     from reinforce_lm.stages import reinforce as stage_mod
 
-    ends, cpu, logs, rss0 = [], [], [], []
+    ends, cpu, peak, logs, rss0 = [], [], [], [], []
 
     class TimedLogger(trainer_mod.MetricsLogger):
         def log(self, step, metrics):
             ends.append(time.perf_counter())
             cpu.append(time.process_time())
+            peak.append(common.peak_rss_mib())
             logs.append(dict(metrics))
             super().log(step, metrics)
 
@@ -91,6 +92,7 @@ def work_reinforce_lm(job: dict, out_dir: str) -> dict:
     return {
         "ends": ends,
         "cpu": cpu,
+        "peak_train": peak[-1],  # peak RSS up to the end of the last step (before any final save)
         "phases": {k: [m.get(k) for m in logs] for k in phases},
         "tokens": [m["completion_tokens"] for m in logs],
         "rss_start": rss0[0],
@@ -104,7 +106,7 @@ def work_trl(job: dict, out_dir: str) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
 
-    ends, cpu, logs, rss0 = [], [], [], []
+    ends, cpu, peak, logs, rss0 = [], [], [], [], []
 
     class Timer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -113,6 +115,7 @@ def work_trl(job: dict, out_dir: str) -> dict:
         def on_step_end(self, args, state, control, **kw):
             ends.append(time.perf_counter())
             cpu.append(time.process_time())
+            peak.append(common.peak_rss_mib())
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "completions/mean_length" in logs:
@@ -162,6 +165,7 @@ def work_trl(job: dict, out_dir: str) -> dict:
     return {
         "ends": ends,
         "cpu": cpu,
+        "peak_train": peak[-1],  # peak RSS up to the end of the last step (before any final save)
         "tokens": [lg["completions/mean_length"] * B for lg in logs],
         "rss_start": rss0[0],
         "threads": torch.get_num_threads(),
@@ -184,7 +188,8 @@ def worker(job: dict) -> None:
         tokens_per_s=tokens / (timed[-1] - timed[0]) if len(timed) > 1 else float("nan"),
         step_s=(timed[-1] - timed[0]) / (len(timed) - 1) if len(timed) > 1 else float("nan"),
         mean_tokens_per_step=sum(res["tokens"]) / max(1, len(res["tokens"])),
-        peak_rss=common.peak_rss_mib(),
+        peak_rss=res["peak_train"],
+        peak_rss_process=common.peak_rss_mib(),
     )
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -280,7 +285,9 @@ def render(rows, args) -> str:
         f"Medians of {args.repeats} interleaved runs, each a fresh process (CPU, fp32, "
         f"{os.cpu_count()} cores, {args.threads} torch thread(s) per run). tok/s: completion tokens per "
         "second of training after the warm-up step(s); tok/CPU-s: the same per second of the process's "
-        "CPU time (steadier while neighbours take the CPU); peak: peak RSS of the process; "
+        "CPU time (steadier while neighbours take the CPU); peak: peak RSS of the process "
+        "up to the end of the last training step (reinforce-lm then writes "
+        "its final checkpoint, TRL here saves nothing); "
         "+train: peak minus RSS at the start of step 1 (models loaded, no optimiser state yet).",
         "",
         "| model | TRL trainer | beta | P x K x T | r-lm tok/s | TRL tok/s | **speed ratio** "
