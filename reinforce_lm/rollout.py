@@ -264,9 +264,13 @@ class Sampler:
         out = model(input_ids=ids, use_cache=True, **forward_kwargs(model, mask, keep=1))
         cache = out[ckw] if ckw in out else out.past_key_values
         logits = out.logits[:, -1]  # [P, V]
-        if k > 1:  # one prefill per prompt; repeat its cache for the K samples
+        if k > 1 and hasattr(cache, "batch_repeat_interleave"):  # one prefill per prompt, cache repeated
             cache.batch_repeat_interleave(k)
             logits, mask = logits.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+        elif k > 1:  # a cache type that cannot be repeated (custom models): prefill every sample
+            ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+            out = model(input_ids=ids, use_cache=True, **forward_kwargs(model, mask, keep=1))
+            cache, logits = (out[ckw] if ckw in out else out.past_key_values), out.logits[:, -1]  # [B, V]
         B, Lp, T, dev = logits.shape[0], mask.shape[1], self.max_new_tokens, ids.device
         _preallocate(cache, T)  # in-place KV writes, not a torch.cat of the whole cache per token
         eos = torch.tensor(self.eos_ids(model), device=dev)

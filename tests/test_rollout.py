@@ -95,3 +95,52 @@ def test_seeded_gumbel_draws_follow_the_softmax():
     freq = torch.bincount(draws, minlength=vocab).double() / len(draws)
     expected = logits.double().softmax(-1)
     assert (freq - expected).abs().max() < 0.015
+
+
+def _config(name: str, tok):
+    import transformers as T
+
+    common = dict(
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    return {
+        # sliding windows shorter than the prompts, ALiBi, learned positions, parallel attention, ...
+        "mistral": lambda: T.MistralConfig(**small, num_key_value_heads=1, sliding_window=4, **common),
+        "gemma2": lambda: T.Gemma2Config(
+            **small, num_key_value_heads=1, head_dim=16, sliding_window=4, **common
+        ),
+        "phi3": lambda: T.Phi3Config(**small, num_key_value_heads=1, **common),
+        "gpt_neox": lambda: T.GPTNeoXConfig(**small, **common),
+        "opt": lambda: T.OPTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            ffn_dim=64,
+            word_embed_proj_dim=32,
+            **common,
+        ),
+        "bloom": lambda: T.BloomConfig(hidden_size=32, n_layer=2, n_head=2, **common),
+        "falcon": lambda: T.FalconConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, **common
+        ),
+        "gptj": lambda: T.GPTJConfig(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, **common),
+    }[name]()
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "phi3", "gpt_neox", "opt", "bloom", "falcon", "gptj"])
+def test_more_architectures_sample_consistently(name, tokenizer):
+    """Any AutoModelForCausalLM: the KV-cache loop's log-probs equal a full forward, and a prompt's samples
+    do not depend on what else is in the batch."""
+    torch.manual_seed(0)
+    model = disable_dropout(AutoModelForCausalLM.from_config(_config(name, tokenizer))).eval()
+    sampler = Sampler(tokenizer, max_new_tokens=8)
+    g = torch.arange(3)
+    r = sampler.sample(model, PROMPTS[1:], g, 2, row_seeds(0, 0, g, 2))
+    full = token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
+    assert torch.allclose(full * r.response_mask, r.logp, atol=1e-4)
+    alone = sampler.sample(model, PROMPTS[3:], g[2:], 2, row_seeds(0, 0, g[2:], 2))
+    assert alone.completions == r.completions[4:]
