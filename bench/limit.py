@@ -161,7 +161,7 @@ def measure(model_name: str, beta: float, repeats: int, steps: int) -> dict:
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
     prompts = common.load_prompts(Path(model_dir))
     ids, mask, full, fmask = batch(tok, prompts, P, K, T, policy.config.vocab_size)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-5, fused=True)  # the fastest plain AdamW
 
     def ref_fwd():
         with torch.inference_mode():
