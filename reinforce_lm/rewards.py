@@ -81,9 +81,9 @@ class RewardModel:
 
         from reinforce_lm.models import resolve_model_path
 
-        path = resolve_model_path(str(path))  # a reward run's output directory: its latest checkpoint
         self.name = f"reward_model:{Path(str(path)).name}"
         try:
+            path = resolve_model_path(str(path))  # a reward run's output directory: its latest checkpoint
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 str(path),
