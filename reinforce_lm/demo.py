@@ -91,6 +91,7 @@ def run_demo(output_dir: str | None = None, steps: int | None = None, seed: int 
         estimator="rloo",
         samples_per_prompt=8,
         prompts_per_step=16,
+        micro_batch_size=64,  # tiny model: few large micro-batches are fastest
         max_new_tokens=8,
         lr=5e-3,
         warmup_steps=5,
