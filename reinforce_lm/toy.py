@@ -53,18 +53,8 @@ def make_model(arch: str, tokenizer, hidden: int = 32, layers: int = 2, heads: i
     )
     if arch == "gpt2":
         config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256, **common)
-    elif arch == "llama":
-        config = LlamaConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
-            max_position_embeddings=256,
-            **common,
-        )
-    elif arch == "qwen2":
-        config = Qwen2Config(
+    elif arch in ("llama", "qwen2"):
+        config = (LlamaConfig if arch == "llama" else Qwen2Config)(
             hidden_size=hidden,
             intermediate_size=2 * hidden,
             num_hidden_layers=layers,

@@ -15,7 +15,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from reinforce_lm import cli
 from reinforce_lm.metrics import read_metrics
@@ -27,15 +26,6 @@ TINY = {  # appended to run.sh's flags (argparse: the last value wins)
     "train": ["--steps", "20", "--lr", "1e-2", "--no-progress"],
     "eval": [],
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _make_data():

@@ -16,14 +16,6 @@ from reinforce_lm.stages.sft import SFTConfig, SFTStage, load_sft_splits, run_sf
 from reinforce_lm.trainer import split
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from reinforce_lm import toy
 from reinforce_lm.config import TrainConfig
@@ -33,50 +32,45 @@ def shifted_letter_reward(prompts, completions, letter=None, **_):
 
 @pytest.fixture(scope="module")
 def variances(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model runs faster on one thread than on two shared ones
-    try:
-        root = tmp_path_factory.mktemp("variance")
-        toy.save_tiny_model(root / "model", arch="llama", seed=0)
-        rows = toy.letter_prompts(256, seed=0)
-        (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        common = dict(
-            prompts=str(root / "prompts.jsonl"),
-            max_new_tokens=8,
-            beta=0.0,
-            progress=False,
-            micro_batch_size=64,
-        )
-        warm = TrainConfig(
-            model=str(root / "model"),
-            reward=["reinforce_lm.toy:letter_reward"],
-            output_dir=str(root / "warm"),
-            estimator="rloo",
-            steps=20,
-            lr=1e-2,
-            prompts_per_step=16,
-            samples_per_prompt=8,
+    root = tmp_path_factory.mktemp("variance")
+    toy.save_tiny_model(root / "model", arch="llama", seed=0)
+    rows = toy.letter_prompts(256, seed=0)
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = dict(
+        prompts=str(root / "prompts.jsonl"),
+        max_new_tokens=8,
+        beta=0.0,
+        progress=False,
+        micro_batch_size=64,
+    )
+    warm = TrainConfig(
+        model=str(root / "model"),
+        reward=["reinforce_lm.toy:letter_reward"],
+        output_dir=str(root / "warm"),
+        estimator="rloo",
+        steps=20,
+        lr=1e-2,
+        prompts_per_step=16,
+        samples_per_prompt=8,
+        **common,
+    )
+    assert run_train(warm) == 0
+    out = {}
+    for method in ("none", *BASELINES):
+        kw = dict(algorithm="ppo") if method == "ppo" else dict(estimator=method)
+        cfg = TrainConfig(
+            model=str(root / "warm"),
+            reward=[f"{__file__}:shifted_letter_reward"],
+            output_dir=str(root / "unused"),
+            prompts_per_step=8,
+            samples_per_prompt=4,
+            loss_agg="seq-mean-token-sum",
+            **kw,
             **common,
         )
-        assert run_train(warm) == 0
-        out = {}
-        for method in ("none", *BASELINES):
-            kw = dict(algorithm="ppo") if method == "ppo" else dict(estimator=method)
-            cfg = TrainConfig(
-                model=str(root / "warm"),
-                reward=[f"{__file__}:shifted_letter_reward"],
-                output_dir=str(root / "unused"),
-                prompts_per_step=8,
-                samples_per_prompt=4,
-                loss_agg="seq-mean-token-sum",
-                **kw,
-                **common,
-            )
-            warmup = 3 if method == "running_mean" else 0
-            out[method] = gradient_variance(build_train_stage(cfg, Dist()), 32, first_step=500, warmup=warmup)
-        return out
-    finally:
-        torch.set_num_threads(threads)
+        warmup = 3 if method == "running_mean" else 0
+        out[method] = gradient_variance(build_train_stage(cfg, Dist()), 32, first_step=500, warmup=warmup)
+    return out
 
 
 @pytest.mark.parametrize("method", BASELINES)
