@@ -208,3 +208,10 @@ def lora_for_saving(model) -> dict:
 
     merged = copy.deepcopy(model).merge_and_unload()
     return {"policy": merged, "adapter": model}
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute activations in backward: `activation_checkpointing_enable` in transformers 5.x, its old
+    name `gradient_checkpointing_enable` before (deprecated there, removed in v6)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()

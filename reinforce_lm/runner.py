@@ -20,6 +20,7 @@ from reinforce_lm.models import (
     RefViaDisabledAdapter,
     apply_lora,
     disable_dropout,
+    enable_activation_checkpointing,
     freeze,
     load_causal_lm,
     load_tokenizer,
@@ -57,7 +58,7 @@ def load_policy(cfg, d, init_path: str, resume=None):
     policy = load_causal_lm(init_path, cfg.dtype, "cpu" if sharded else d.device)
     disable_dropout(policy)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+        enable_activation_checkpointing(policy)
         policy.config.use_cache = True  # the sampler needs the cache; checkpointing only applies in train()
     if cfg.lora_r:
         adapter = str(Path(resume) / "adapter") if resume is not None else None

@@ -25,7 +25,13 @@ import torch
 from reinforce_lm import algorithms as A
 from reinforce_lm.distributed import unwrap, wrap
 from reinforce_lm.errors import CheckpointError, ConfigError
-from reinforce_lm.models import DTYPES, disable_dropout, forward_kwargs, resolve_model_path
+from reinforce_lm.models import (
+    DTYPES,
+    disable_dropout,
+    enable_activation_checkpointing,
+    forward_kwargs,
+    resolve_model_path,
+)
 from reinforce_lm.stages.reinforce import ReinforceStage, trim
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -181,7 +187,7 @@ def build_ppo_stage(cfg, policy, tokenizer, reference, rewards, prompts, d, eval
             raise CheckpointError(f"{resume} holds no PPO critic ({source / VALUE_HEAD_FILE} is missing)")
     critic = load_critic(str(source), cfg.dtype, d.device)
     if cfg.gradient_checkpointing:
-        critic.backbone.gradient_checkpointing_enable()
+        enable_activation_checkpointing(critic.backbone)
     critic.train()
     fsdp = getattr(cfg, "fsdp", False)
     policy, critic = wrap(policy, d, fsdp=fsdp), wrap(critic, d, fsdp=fsdp)

@@ -176,7 +176,7 @@ def load_preference_splits(cfg: RewardConfig, tokenizer) -> tuple[list[dict], li
 
 def build_reward_stage(cfg: RewardConfig, d: Dist, resume=None) -> RewardStage:
     """Tokenizer, preference pairs (errors before any model is loaded), a one-label scorer -> the stage."""
-    from reinforce_lm.models import disable_dropout, load_tokenizer
+    from reinforce_lm.models import disable_dropout, enable_activation_checkpointing, load_tokenizer
 
     source = str(resume) if resume else cfg.model
     tokenizer = load_tokenizer(source, padding_side="right")
@@ -188,7 +188,7 @@ def build_reward_stage(cfg: RewardConfig, d: Dist, resume=None) -> RewardStage:
     model = load_reward_backbone(source, tokenizer, cfg.dtype, "cpu" if sharded else d.device)
     disable_dropout(model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     model.train()
     return RewardStage(cfg, distributed.wrap(model, d, fsdp=cfg.fsdp), tokenizer, train, held_out, d)
 
