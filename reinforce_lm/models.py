@@ -144,6 +144,18 @@ def token_logprobs(
     return logp
 
 
+def in_chunks(fn, input_ids, attention_mask, rows: int) -> torch.Tensor:
+    """`fn(ids, mask) -> [b, ...]` over `rows` sequences at a time, concatenated: [B, ...].
+
+    For the no-gradient forwards of a whole batch of rollouts (reference and old log-probs, PPO values):
+    one forward over B sequences would hold B rows of activations and logits at once, more than the
+    micro-batch the update itself is sized for.
+    """
+    return torch.cat(
+        [fn(i, m) for i, m in zip(input_ids.split(rows), attention_mask.split(rows), strict=True)]
+    )
+
+
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """Zero every dropout probability: the policy that is trained must be the policy that sampled.
 

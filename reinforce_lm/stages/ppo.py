@@ -30,6 +30,7 @@ from reinforce_lm.models import (
     disable_dropout,
     enable_activation_checkpointing,
     forward_kwargs,
+    in_chunks,
     resolve_model_path,
 )
 from reinforce_lm.stages.reinforce import ReinforceStage, trim
@@ -133,7 +134,10 @@ class PPOStage:
         s = self.rl.sample_and_score(step, need_old_logp=True)
         r = s.rollout
         mask, ids, attn, T = r.response_mask, r.input_ids, r.attention_mask, r.response_ids.shape[1]
-        values = unwrap(self.critic)(ids, attn, T) * mask  # [B, T] V(s_t) before the update
+        critic = unwrap(self.critic)
+        values = (
+            in_chunks(lambda i, m: critic(i, m, T), ids, attn, cfg.micro_batch_size) * mask
+        )  # [B, T] V(s_t)
         token_rewards = A.place_at_last_token(s.scores.to(mask.dtype), mask)  # [B, T]
         kl = None
         if s.ref_logp is not None and cfg.beta > 0:

@@ -15,7 +15,7 @@ import torch
 from reinforce_lm import algorithms as A
 from reinforce_lm.data import PromptData, step_indices
 from reinforce_lm.distributed import Dist, unwrap
-from reinforce_lm.models import token_logprobs
+from reinforce_lm.models import in_chunks, token_logprobs
 from reinforce_lm.rewards import RewardSet
 from reinforce_lm.rollout import Rollout, Sampler, row_seeds
 
@@ -134,12 +134,20 @@ class ReinforceStage:
         mask, T = r.response_mask, r.response_ids.shape[1]
         ids, attn = r.input_ids, r.attention_mask
         old_logp = r.logp
+        rows = cfg.micro_batch_size  # no-grad forwards go micro-batch by micro-batch too
         if old_logp is None and need_old_logp:
-            old_logp = token_logprobs(policy, ids, attn, T, cfg.temperature) * mask
+            old_logp = in_chunks(
+                lambda i, m: token_logprobs(policy, i, m, T, cfg.temperature), ids, attn, rows
+            )
+            old_logp = old_logp * mask
         ref_logp = None
         if self.reference is not None:
             with torch.inference_mode():
-                ref_logp = token_logprobs(self.reference, ids, attn, T, cfg.temperature).clone() * mask
+                ref = self.reference
+                ref_logp = in_chunks(
+                    lambda i, m: token_logprobs(ref, i, m, T, cfg.temperature), ids, attn, rows
+                )
+            ref_logp = ref_logp.clone() * mask  # out of inference mode: usable in autograd later
         t3 = time.perf_counter()
         self._n_prompt = r.prompt_ids.shape[1]
         return Scored(r, scores, parts, old_logp, ref_logp, baseline, (t0, t1, t2, t3))
