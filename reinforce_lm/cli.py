@@ -7,10 +7,9 @@ import dataclasses
 import importlib
 import os
 import sys
-from pathlib import Path
 
 from reinforce_lm.config import EvalConfig, TrainConfig, build_config, field_type, load_yaml
-from reinforce_lm.errors import ConfigError, ReinforceLMError
+from reinforce_lm.errors import ReinforceLMError
 
 # name -> (config class, help, "module:function" that takes the config and returns an exit code)
 COMMANDS: dict[str, tuple[type, str, str]] = {
@@ -121,10 +120,3 @@ def _quiet_transformers() -> None:
         hf_logging.disable_progress_bar()
     except Exception:  # noqa: BLE001 - cosmetics only
         pass
-
-
-def require_file(path: str, what: str) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{what} {path} does not exist")
-    return p

@@ -41,22 +41,6 @@ class Dist:
         dist.all_reduce(y, op=dist.ReduceOp.SUM)
         return y.to(x.device)
 
-    def reduce_max(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
-        y = x.detach().clone().to(self.device)
-        dist.all_reduce(y, op=dist.ReduceOp.MAX)
-        return y.to(x.device)
-
-    def mean_metrics(self, metrics: dict[str, float], weight: float = 1.0) -> dict[str, float]:
-        """Weighted mean of scalar metrics over processes (weight: e.g. this rank's sample count)."""
-        if not self.enabled or not metrics:
-            return metrics
-        keys = sorted(metrics)
-        t = torch.tensor([metrics[k] * weight for k in keys] + [weight], dtype=torch.float64)
-        t = self.reduce_sum(t)
-        return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
-
     def all_true(self, flag: bool) -> bool:
         """True when `flag` holds on every process: a stop condition that all ranks agree on."""
         if not self.enabled:
@@ -66,13 +50,6 @@ class Dist:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
-
-    def broadcast_object(self, obj):
-        if not self.enabled:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
 
 def setup(device: str = "auto") -> Dist:

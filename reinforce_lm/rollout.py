@@ -65,13 +65,8 @@ def row_seeds(seed: int, step: int, group_ids: torch.Tensor, k: int) -> torch.Te
     return _mix(_mix(base + g * _GOLD) + j)
 
 
-def _uniform(seeds: torch.Tensor, t: int, vocab: int) -> torch.Tensor:
-    """Counter-based uniforms in (0, 1): [B] seeds, position t -> [B, V] float32."""
-    return _uniform_block(seeds, t, 1, vocab)[:, 0]
-
-
 def _uniform_block(seeds: torch.Tensor, t: int, n: int, vocab: int) -> torch.Tensor:
-    """`_uniform` for positions t..t+n-1 at once: [B] seeds -> [B, n, V] float32 (the same values)."""
+    """Counter-based uniforms in (0, 1) for positions t..t+n-1: [B] seeds -> [B, n, V] float32."""
     steps = torch.arange(t, t + n, dtype=torch.long, device=seeds.device) * _GOLD  # [n]
     x = _mix(seeds.unsqueeze(1) + steps).unsqueeze(2) + torch.arange(vocab, device=seeds.device) * _GOLD
     x = (_mix(x) >> 40) & ((1 << 24) - 1)  # 24 random bits
