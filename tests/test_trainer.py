@@ -28,6 +28,7 @@ REWARD = "reinforce_lm.toy:letter_reward"
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("task")
     toy.save_tiny_model(root / "model", arch="llama", hidden=32)
+    toy.save_tiny_model(root / "other", arch="llama", hidden=32, seed=1)  # a reference unlike the policy
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy.letter_prompts(64)))
     return root
 
@@ -264,3 +265,34 @@ def test_missing_model_directory_is_named(task, tmp_path, capsys):
     a = args(task, tmp_path)
     a[a.index("--model") + 1] = str(tmp_path / "no-such-model")
     assert "no-such-model does not exist" in run_cli(a, capsys)
+
+
+@pytest.mark.parametrize("credit", ["sequence", "token"])
+def test_kl_in_reward_is_wired_into_the_advantages(task, tmp_path, credit):
+    """With estimator `none`, the advantages are exactly the KL-penalised returns, from the sampling
+    log-probs and the frozen reference: sum_t (score - beta * kl) per sequence, or its reward-to-go."""
+    from reinforce_lm import algorithms as A
+
+    beta = 0.5
+    cfg = config(
+        task,
+        tmp_path,
+        estimator="none",
+        beta=beta,
+        kl_in="reward",
+        kl_estimator="k1",
+        credit=credit,
+        ref_model=str(task / "other"),
+    )
+    stage = build_train_stage(cfg, distributed.setup("cpu"))
+    batch, _ = stage.collect(0)
+    s = stage.sample_and_score(0, need_old_logp=True)  # seeded: the same rollouts again
+    mask = s.rollout.response_mask
+    kl = (s.old_logp - s.ref_logp) * mask
+    assert kl.abs().sum() / mask.sum() > 0.1  # a reference unlike the policy: the KL term matters
+    if credit == "sequence":
+        expected = (s.scores - beta * kl.sum(1))[:, None] * mask
+    else:
+        per_token = -beta * kl + A.place_at_last_token(s.scores, mask)
+        expected = per_token.flip(1).cumsum(1).flip(1) * mask  # reward-to-go, gamma = 1
+    assert torch.allclose(batch["advantages"], expected, atol=1e-5)
