@@ -296,3 +296,19 @@ def test_kl_in_reward_is_wired_into_the_advantages(task, tmp_path, credit):
         per_token = -beta * kl + A.place_at_last_token(s.scores, mask)
         expected = per_token.flip(1).cumsum(1).flip(1) * mask  # reward-to-go, gamma = 1
     assert torch.allclose(batch["advantages"], expected, atol=1e-5)
+
+
+def test_hf_generate_backend_and_unseeded_sampling_train(task, tmp_path):
+    cfg = config(
+        task,
+        tmp_path,
+        steps=2,
+        generation_backend="hf",
+        sampling="torch",
+        top_k=8,
+        top_p=0.9,
+        temperature=0.8,
+    )
+    assert run_train(cfg) == 0
+    row = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    assert row["step"] == 2 and 0 < row["response_length"] <= 6
