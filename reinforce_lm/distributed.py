@@ -92,7 +92,10 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
     accelerator shard by shard, so a model loaded on CPU never sits whole on one GPU. The module keeps
     its class and names: no wrapper, `unwrap` is the identity, forward all-gathers on every rank (so
     every rank must make the same number of forward calls; see `Sampler.sync_stop`)."""
-    from torch.distributed.fsdp import fully_shard
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6 kept FSDP2 under its composable namespace
+        from torch.distributed._composable.fsdp import fully_shard
 
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
