@@ -80,6 +80,8 @@ def load_reference(cfg, d, policy):
 
 def build_train_stage(cfg, d, resume=None):
     """Tokenizer, prompts, rewards, policy, reference -> the REINFORCE or PPO stage for `fit`."""
+    if cfg.prompts_per_step % d.world_size:  # all K samples of a prompt stay on one process
+        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must divide by {d.world_size} processes")
     tokenizer = load_tokenizer(cfg.model)
     prompts = load_prompts(cfg.prompts, tokenizer, cfg.prompt_column, cfg.messages_column)
     eval_prompts = None

@@ -312,3 +312,11 @@ def test_hf_generate_backend_and_unseeded_sampling_train(task, tmp_path):
     assert run_train(cfg) == 0
     row = read_metrics(tmp_path / "metrics.jsonl")[-1]
     assert row["step"] == 2 and 0 < row["response_length"] <= 6
+
+
+def test_prompts_per_step_must_divide_by_the_processes(task, tmp_path):
+    from reinforce_lm.distributed import Dist
+    from reinforce_lm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prompts_per_step=8 must divide by 3 processes"):
+        build_train_stage(config(task, tmp_path), Dist(world_size=3))

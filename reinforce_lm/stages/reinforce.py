@@ -76,10 +76,6 @@ class ReinforceStage:
         )
         self.running_mean = A.RunningMean(cfg.running_mean_decay)
         self.off_policy = cfg.updates_per_batch > 1 or cfg.minibatches > 1
-        if cfg.prompts_per_step % d.world_size:
-            raise ValueError(
-                f"prompts_per_step={cfg.prompts_per_step} must divide by {d.world_size} processes"
-            )
 
     # -- the loop's interface ------------------------------------------------------------------
     def param_groups(self):
