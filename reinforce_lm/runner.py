@@ -104,6 +104,16 @@ def build_train_stage(cfg, d, resume=None):
         stage = ReinforceStage(cfg, policy, tokenizer, reference, rewards, prompts, d, eval_prompts)
     if cfg.fsdp and d.enabled:  # sharded forwards are collective: ranks stop decoding together
         stage.sampler.sync_stop = d.all_true
+    if d.is_main:
+        method = "ppo" if cfg.algorithm == "ppo" else cfg.estimator
+        n = sum(p.numel() for p in policy.parameters()) * (d.world_size if cfg.fsdp else 1)
+        ref = "none (beta=0)" if reference is None else (cfg.ref_model or cfg.model)
+        print(
+            f"train: {method} on {len(prompts)} prompts, {cfg.prompts_per_step} x {cfg.samples_per_prompt} "
+            f"samples per step on {d.world_size} process(es) ({d.device}); "
+            f"policy {n / 1e6:.3g}M parameters; "
+            f"reference: {ref}; rewards: {', '.join(rewards.names)}"
+        )
     return stage
 
 
