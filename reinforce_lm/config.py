@@ -137,6 +137,9 @@ class TrainConfig(EngineConfig):
         "seeded", "seeded (per-prompt noise, same samples on any number of processes) or torch."
     )
     generation_backend: str = _f("native", "native (lean KV-cache loop) or hf (transformers generate).")
+    generation_batch_size: int = _f(
+        0, "Completions sampled per call, whole groups (bounds the KV cache); 0: this process's whole batch."
+    )
     # PPO
     critic_model: str = _f("", "PPO critic backbone (default: the first reward model, else the policy).")
     critic_lr: float = _f(0.0, "PPO critic learning rate (default: 10x lr).")
@@ -163,7 +166,15 @@ class TrainConfig(EngineConfig):
         _positive(self, "samples_per_prompt", "prompts_per_step", "max_new_tokens", "max_prompt_length")
         _positive(self, "temperature", "updates_per_batch", "minibatches")
         _positive(
-            self, "beta", "top_k", "clip_eps", "reward_clip", "critic_lr", "eval_every", allow_zero=True
+            self,
+            "beta",
+            "top_k",
+            "clip_eps",
+            "reward_clip",
+            "critic_lr",
+            "eval_every",
+            "generation_batch_size",
+            allow_zero=True,
         )
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")

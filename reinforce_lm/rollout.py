@@ -162,6 +162,30 @@ def _preallocate(cache, extra: int) -> None:
             layers[i] = _in_place_layer()(layer, extra)
 
 
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Join rollouts along the batch: prompts left-padded and responses right-padded to common widths."""
+
+    def pad(x: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
+        fill = x.new_full((x.shape[0], width - x.shape[1]), value)
+        return torch.cat([fill, x] if left else [x, fill], dim=1)
+
+    lp = max(r.prompt_ids.shape[1] for r in parts)
+    t = max(r.response_ids.shape[1] for r in parts)
+    logp = None
+    if all(r.logp is not None for r in parts):
+        logp = torch.cat([pad(r.logp, t, 0.0, left=False) for r in parts])  # [B, T]
+    return Rollout(
+        prompt_ids=torch.cat([pad(r.prompt_ids, lp, pad_id, left=True) for r in parts]),  # [B, Lp]
+        prompt_mask=torch.cat([pad(r.prompt_mask, lp, 0, left=True) for r in parts]),
+        response_ids=torch.cat([pad(r.response_ids, t, pad_id, left=False) for r in parts]),  # [B, T]
+        response_mask=torch.cat([pad(r.response_mask, t, 0.0, left=False) for r in parts]),
+        group_ids=torch.cat([r.group_ids for r in parts]),
+        prompts=[p for r in parts for p in r.prompts],
+        completions=[c for r in parts for c in r.completions],
+        logp=logp,
+    )
+
+
 class Sampler:
     """Samples K completions per prompt; see the module docstring for the two backends."""
 
@@ -175,8 +199,10 @@ class Sampler:
         max_prompt_length: int = 512,
         backend: str = "native",
         seeded: bool = True,
+        max_batch: int = 0,
     ):
         self.tok = tokenizer
+        self.max_batch = max_batch  # sequences per sampling call (the KV cache's batch); 0: no limit
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.max_prompt_length = max_prompt_length
@@ -212,8 +238,22 @@ class Sampler:
     def sample(self, model, prompts, group_ids, k: int, row_seed=None, greedy: bool = False) -> Rollout:
         """prompts: P texts, group_ids [P] -> Rollout of B = P*K completions (groups contiguous).
 
-        row_seed: [P*K] int64 from `row_seeds`, for seeded sampling; ignored when greedy.
+        row_seed: [P*K] int64 from `row_seeds`, for seeded sampling; ignored when greedy. With
+        `max_batch`, whole groups are sampled `max_batch // k` prompts per call and joined; seeded samples
+        are the same either way (the noise belongs to the completion, not to its place in a call).
         """
+        per_call = max(1, self.max_batch // k) if self.max_batch else len(prompts)
+        if per_call >= len(prompts):
+            return self._sample(model, prompts, group_ids, k, row_seed, greedy)
+        parts = []
+        for i in range(0, len(prompts), per_call):
+            seeds = row_seed[i * k : (i + per_call) * k] if row_seed is not None else None
+            parts.append(
+                self._sample(model, prompts[i : i + per_call], group_ids[i : i + per_call], k, seeds, greedy)
+            )
+        return concat_rollouts(parts, self.pad_id)
+
+    def _sample(self, model, prompts, group_ids, k: int, row_seed=None, greedy: bool = False) -> Rollout:
         device = next(model.parameters()).device
         ids, mask = self.encode(list(prompts), device)  # [P, Lp]
         was_training = model.training

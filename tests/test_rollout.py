@@ -144,3 +144,19 @@ def test_more_architectures_sample_consistently(name, tokenizer):
     assert torch.allclose(full * r.response_mask, r.logp, atol=1e-4)
     alone = sampler.sample(model, PROMPTS[3:], g[2:], 2, row_seeds(0, 0, g[2:], 2))
     assert alone.completions == r.completions[4:]
+
+
+def test_sampling_in_chunks_of_whole_groups_gives_the_same_rollout(models):
+    """`max_batch` bounds the sequences per sampling call; seeded completions, their log-probs and the
+    group layout are those of one call (prompts of different lengths: left padding is re-aligned)."""
+    model, tok = models["llama"]
+    g = torch.arange(len(PROMPTS))
+    seeds = row_seeds(0, 2, g, 3)
+    whole = Sampler(tok, max_new_tokens=6).sample(model, PROMPTS, g, 3, seeds)
+    parts = Sampler(tok, max_new_tokens=6, max_batch=7).sample(model, PROMPTS, g, 3, seeds)  # 2 prompts/call
+    assert parts.completions == whole.completions
+    assert torch.equal(parts.group_ids, whole.group_ids)
+    assert torch.equal(parts.response_mask, whole.response_mask)
+    assert torch.allclose(parts.logp, whole.logp, atol=1e-5)
+    full = token_logprobs(model, parts.input_ids, parts.attention_mask, parts.response_ids.shape[1])
+    assert torch.allclose(full * parts.response_mask, parts.logp, atol=1e-4)

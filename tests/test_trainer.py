@@ -320,3 +320,13 @@ def test_prompts_per_step_must_divide_by_the_processes(task, tmp_path):
 
     with pytest.raises(ConfigError, match="prompts_per_step=8 must divide by 3 processes"):
         build_train_stage(config(task, tmp_path), Dist(world_size=3))
+
+
+def test_generation_batch_size_does_not_change_the_run(task, tmp_path):
+    kw = dict(steps=2, beta=0.05, estimator="grpo")
+    run_train(config(task, tmp_path / "one", **kw))
+    run_train(config(task, tmp_path / "chunked", generation_batch_size=16, **kw))  # 2 of 8 prompts per call
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "chunked")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    ra = read_metrics(tmp_path / "one" / "metrics.jsonl")[-1]["reward_mean"]
+    assert ra == read_metrics(tmp_path / "chunked" / "metrics.jsonl")[-1]["reward_mean"]

@@ -73,6 +73,7 @@ class ReinforceStage:
             cfg.max_prompt_length,
             backend=cfg.generation_backend,
             seeded=cfg.sampling == "seeded",
+            max_batch=cfg.generation_batch_size,
         )
         self.running_mean = A.RunningMean(cfg.running_mean_decay)
         self.off_policy = cfg.updates_per_batch > 1 or cfg.minibatches > 1
