@@ -257,6 +257,7 @@ def main(argv=None) -> None:
     import torch
 
     from reinforce_lm import toy
+    from reinforce_lm.files import write_jsonl
     from reinforce_lm.runner import run_train
 
     if args.threads:
@@ -266,7 +267,7 @@ def main(argv=None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     toy.save_tiny_model(root / "model", arch="llama", seed=0, hidden=args.hidden, layers=args.layers)
     rows = toy.letter_prompts(512, seed=0)
-    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(root / "prompts.jsonl", rows)
 
     runs: dict[str, list[dict]] = {}
     for method in args.methods:

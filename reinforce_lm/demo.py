@@ -7,7 +7,6 @@ and prints the reward curve and held-out reward before and after.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -16,14 +15,10 @@ import torch
 
 from reinforce_lm import toy
 from reinforce_lm.config import TrainConfig
+from reinforce_lm.files import write_jsonl
 from reinforce_lm.metrics import read_metrics
 
 REWARD = "reinforce_lm.toy:letter_reward"
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def sparkline(values: list[float]) -> str:

@@ -126,3 +126,11 @@ def _read_dataset_dir(path: Path):
         ds = ds["train"]
     rows = ds.to_list()
     return rows, [f"{path}: row index {i}" for i in range(len(rows))]
+
+
+def write_jsonl(path, rows: list[dict]) -> Path:
+    """Write `rows` as JSON Lines (the format `read_rows` reads first), creating parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -21,17 +21,13 @@ from reinforce_lm.data import (
     split_eval,
 )
 from reinforce_lm.errors import ConfigError, DataError
+from reinforce_lm.files import write_jsonl
 
 ROWS = [
     {"prompt": "a?", "letter": "a", "n": 1},
     {"prompt": "b?", "letter": "b", "n": 2},
     {"prompt": "c?", "letter": "c", "n": 3},
 ]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def write_all_formats(tmp_path, rows):

@@ -6,7 +6,6 @@ the same global statistics (GRPO groups, REINFORCE++ whitening, token-mean count
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from reinforce_lm import cli, distributed, toy
+from reinforce_lm.files import write_jsonl
 from reinforce_lm.metrics import read_metrics
 from reinforce_lm.models import load_tokenizer
 from reinforce_lm.rollout import Sampler, row_seeds
@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
     for r in rows:
         r["prompt"] = "1+" * rng.randint(0, 4) + r["prompt"]
     prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(prompts, rows)
     return root, model, prompts
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,6 +9,7 @@ from safetensors.torch import load_file
 from reinforce_lm import cli, toy
 from reinforce_lm.config import TrainConfig
 from reinforce_lm.distributed import Dist
+from reinforce_lm.files import write_jsonl
 from reinforce_lm.models import (
     RefViaDisabledAdapter,
     apply_lora,
@@ -62,7 +61,7 @@ def test_lora_run_trains_only_adapters_and_saves_a_loadable_merged_model(tmp_pat
     from transformers import AutoModelForCausalLM
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in toy.letter_prompts(8)))
+    write_jsonl(prompts, toy.letter_prompts(8))
     out = tmp_path / "out"
     cli.main(
         [

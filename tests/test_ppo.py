@@ -3,14 +3,13 @@ stays frozen. GAE and the value loss are tested against hand-computed values in 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from reinforce_lm import toy
 from reinforce_lm.cli import main
+from reinforce_lm.files import write_jsonl
 from reinforce_lm.metrics import read_metrics
 from reinforce_lm.stages.ppo import VALUE_HEAD_FILE, Critic, load_critic
 
@@ -20,7 +19,7 @@ def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo")
     toy.save_tiny_model(root / "model", arch="llama", seed=0)
     rows = toy.letter_prompts(256, seed=0)
-    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(root / "prompts.jsonl", rows)
     return root
 
 

@@ -3,7 +3,6 @@ pairs, the saved directory scoring completions in `train`, a different tokenizer
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from types import SimpleNamespace
@@ -12,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reinforce_lm import cli, toy
+from reinforce_lm import cli, files, toy
 from reinforce_lm.distributed import Dist
 from reinforce_lm.metrics import read_metrics
 from reinforce_lm.rewards import RewardModel
@@ -21,8 +20,7 @@ from reinforce_lm.trainer import split
 
 
 def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+    return str(files.write_jsonl(path, rows))
 
 
 def letter_pairs(n, seed):

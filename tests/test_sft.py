@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from reinforce_lm import cli, toy
+from reinforce_lm import cli, files, toy
 from reinforce_lm.data import IGNORE_INDEX
 from reinforce_lm.distributed import Dist
 from reinforce_lm.metrics import read_metrics
@@ -17,8 +15,7 @@ from reinforce_lm.trainer import split
 
 
 def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+    return str(files.write_jsonl(path, rows))
 
 
 def letter_rows(n, seed, length=4):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from reinforce_lm import checkpoint, cli, distributed, toy
 from reinforce_lm.config import TrainConfig
+from reinforce_lm.files import write_jsonl
 from reinforce_lm.metrics import read_metrics
 from reinforce_lm.models import resolve_model_path
 from reinforce_lm.runner import build_train_stage, run_train
@@ -29,7 +29,7 @@ def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("task")
     toy.save_tiny_model(root / "model", arch="llama", hidden=32)
     toy.save_tiny_model(root / "other", arch="llama", hidden=32, seed=1)  # a reference unlike the policy
-    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy.letter_prompts(64)))
+    write_jsonl(root / "prompts.jsonl", toy.letter_prompts(64))
     return root
 
 

@@ -12,14 +12,13 @@ unbiased estimates of the same gradient.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from reinforce_lm import toy
 from reinforce_lm.config import TrainConfig
 from reinforce_lm.diagnostics import gradient_variance
 from reinforce_lm.distributed import Dist
+from reinforce_lm.files import write_jsonl
 from reinforce_lm.runner import build_train_stage, run_train
 
 BASELINES = ("running_mean", "rloo", "grpo", "dr_grpo", "remax", "reinforce_pp", "ppo")
@@ -35,7 +34,7 @@ def variances(tmp_path_factory):
     root = tmp_path_factory.mktemp("variance")
     toy.save_tiny_model(root / "model", arch="llama", seed=0)
     rows = toy.letter_prompts(256, seed=0)
-    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(root / "prompts.jsonl", rows)
     common = dict(
         prompts=str(root / "prompts.jsonl"),
         max_new_tokens=8,

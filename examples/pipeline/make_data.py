@@ -15,16 +15,10 @@ and, with --base-model DIR, a tiny randomly initialised Llama-style model to sta
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from reinforce_lm import toy
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from reinforce_lm.files import write_jsonl
 
 
 def make_all(
