@@ -11,6 +11,7 @@ without FSDP.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -50,6 +51,19 @@ class Dist:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+
+def rank_chunks(items: list, d: Dist, size: int) -> list[tuple[list, float]]:
+    """This rank's share of `items` (every world_size-th) in chunks of `size`, as (chunk, weight). Every
+    rank gets the same number of chunks, because a sharded (FSDP) forward is collective: a rank that has
+    run out gets a stand-in chunk with weight 0."""
+    mine = items[d.rank :: d.world_size]
+    n_chunks = math.ceil(math.ceil(len(items) / d.world_size) / size)
+    out = []
+    for i in range(n_chunks):
+        chunk = mine[i * size : (i + 1) * size]
+        out.append((chunk, 1.0) if chunk else (items[:1], 0.0))
+    return out
 
 
 def setup(device: str = "auto") -> Dist:

@@ -37,6 +37,12 @@ class Rollout:
     def input_ids(self) -> torch.Tensor:
         return torch.cat([self.prompt_ids, self.response_ids], dim=1)  # [B, Lp+T]
 
+    def completion_ids(self) -> list[list[int]]:
+        """Each completion's valid token ids (what reward functions get as `completion_ids`)."""
+        return [
+            r[m > 0].tolist() for r, m in zip(self.response_ids.cpu(), self.response_mask.cpu(), strict=True)
+        ]
+
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)  # [B, Lp+T]

@@ -159,3 +159,14 @@ def test_optimizer_state_is_saved_by_name_and_loads_into_a_fresh_optimizer():
     for a, b in zip(opt.state_dict()["state"].values(), fresh.state_dict()["state"].values(), strict=True):
         assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
     assert fresh.param_groups[0]["lr"] == 0.1
+
+
+def test_rank_chunks_give_every_rank_the_same_number_of_calls():
+    from reinforce_lm.distributed import Dist, rank_chunks
+
+    items = list(range(7))
+    per_rank = [rank_chunks(items, Dist(rank=r, world_size=3), 2) for r in range(3)]
+    assert [len(c) for c in per_rank] == [2, 2, 2]  # ceil(ceil(7 / 3) / 2)
+    counted = sorted(i for chunks in per_rank for chunk, w in chunks if w for i in chunk)
+    assert counted == items  # every item once, stand-ins (weight 0) not counted
+    assert rank_chunks([5], Dist(rank=1, world_size=2), 4) == [([5], 0.0)]  # a rank with nothing

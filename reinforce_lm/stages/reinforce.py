@@ -14,7 +14,7 @@ import torch
 
 from reinforce_lm import algorithms as A
 from reinforce_lm.data import PromptData, step_indices
-from reinforce_lm.distributed import Dist, unwrap
+from reinforce_lm.distributed import Dist, rank_chunks, unwrap
 from reinforce_lm.models import in_chunks, token_logprobs
 from reinforce_lm.rewards import RewardSet
 from reinforce_lm.rollout import Rollout, Sampler, row_seeds
@@ -89,10 +89,7 @@ class ReinforceStage:
         self.running_mean.load_state_dict(state["running_mean"])
 
     def score(self, r: Rollout, columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ids = [
-            row[m > 0].tolist() for row, m in zip(r.response_ids.cpu(), r.response_mask.cpu(), strict=True)
-        ]
-        total, parts = self.rewards(r.prompts, r.completions, ids, columns)
+        total, parts = self.rewards(r.prompts, r.completions, r.completion_ids(), columns)
         if self.cfg.reward_clip:
             total = total.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
         return total.to(r.response_mask.device), parts
@@ -267,19 +264,16 @@ def evaluate_policy(
     Returns (mean reward, list of (prompt, completion, score) for this rank's prompts).
     """
     n = len(data)
-    mine = torch.arange(n)[d.rank :: d.world_size]
     total, rows = torch.zeros((), dtype=torch.double), []
-    # The same number of chunks on every rank: under FSDP each sample call is collective.
-    per_rank = -(-n // d.world_size)  # ceil
-    for chunk in mine.tensor_split(-(-per_rank // batch)):
-        texts = [data.texts[i] for i in chunk.tolist()]
-        cols = {name: [col[i] for i in chunk.tolist()] for name, col in data.columns.items()}
-        r = sampler.sample(policy, texts, chunk, 1, row_seeds(seed, -1, chunk, 1), greedy=greedy)
-        ids = [
-            row[m > 0].tolist() for row, m in zip(r.response_ids.cpu(), r.response_mask.cpu(), strict=True)
-        ]
-        s, _ = rewards(r.prompts, r.completions, ids, cols)
-        total += s.double().sum()
-        rows += list(zip(r.prompts, r.completions, s.tolist(), strict=True))
+    # rank_chunks: the same number of sample calls on every rank (collective under FSDP).
+    for chunk, weight in rank_chunks(list(range(n)), d, batch):
+        texts = [data.texts[i] for i in chunk]
+        cols = {name: [col[i] for i in chunk] for name, col in data.columns.items()}
+        g = torch.tensor(chunk)
+        r = sampler.sample(policy, texts, g, 1, row_seeds(seed, -1, g, 1), greedy=greedy)
+        s, _ = rewards(r.prompts, r.completions, r.completion_ids(), cols)
+        if weight:  # a stand-in chunk (this rank ran out of prompts) is sampled but not counted
+            total += s.double().sum()
+            rows += list(zip(r.prompts, r.completions, s.tolist(), strict=True))
     mean = (d.reduce_sum(total) / n).item()
     return mean, rows

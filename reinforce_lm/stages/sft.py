@@ -18,7 +18,7 @@ from reinforce_lm import distributed
 from reinforce_lm.cli import register
 from reinforce_lm.config import EngineConfig, _f, _positive
 from reinforce_lm.data import IGNORE_INDEX, collate_sft, load_sft, pack_sft, split_eval, step_indices
-from reinforce_lm.distributed import Dist, unwrap
+from reinforce_lm.distributed import Dist, rank_chunks, unwrap
 from reinforce_lm.errors import ConfigError
 
 
@@ -129,19 +129,6 @@ def reshard(model) -> None:
     back, or the optimiser (which holds the shards) and the checkpoint no longer see the same tensors."""
     if distributed.is_sharded(model):
         model.reshard()
-
-
-def rank_chunks(items: list, d: Dist, size: int) -> list[tuple[list, float]]:
-    """This rank's share of `items` (every world_size-th) in chunks of `size`, as (chunk, weight). Every
-    rank gets the same number of chunks, because a sharded (FSDP) forward is collective: a rank that has
-    run out gets a stand-in chunk with weight 0."""
-    mine = items[d.rank :: d.world_size]
-    n_chunks = math.ceil(math.ceil(len(items) / d.world_size) / size)
-    out = []
-    for i in range(n_chunks):
-        chunk = mine[i * size : (i + 1) * size]
-        out.append((chunk, 1.0) if chunk else (items[:1], 0.0))
-    return out
 
 
 def load_sft_splits(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict]]:
