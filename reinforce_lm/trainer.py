@@ -201,12 +201,11 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
                     n_updates += 1
             for s in schedulers:
                 s.step()
-            reduced = {k: v for k, v in sums.items() if not k.startswith("grad_norm")}
-            reduced = {
-                k: d.reduce_sum(torch.tensor(v, dtype=torch.double)).item() / n_updates
-                for k, v in reduced.items()
-            }
-            metrics.update(reduced)
+            # Loss metrics are per-process shares of the global value: one all-reduce sums them all.
+            # Gradient norms are already global (clipping reduces them).
+            keys = sorted(k for k in sums if not k.startswith("grad_norm"))
+            totals = d.reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.double)).tolist()
+            metrics.update({k: v / n_updates for k, v in zip(keys, totals, strict=True)})
             metrics.update({k: v / n_updates for k, v in sums.items() if k.startswith("grad_norm")})
             metrics["lr"] = schedulers[0].get_last_lr()[0]
             metrics["backward_seconds"] = time.perf_counter() - t_update
