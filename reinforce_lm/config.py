@@ -137,6 +137,11 @@ class TrainConfig(EngineConfig):
         "seeded", "seeded (per-prompt noise, same samples on any number of processes) or torch."
     )
     generation_backend: str = _f("native", "native (lean KV-cache loop) or hf (transformers generate).")
+    lean_decode: bool = _f(
+        True,
+        "native backend, Llama/Mistral/Qwen2/Qwen3 models: decode steps by reinforce-lm's own step over "
+        "the model's weights (same log-probs, fewer ops); off: the model's forward at every token.",
+    )
     generation_batch_size: int = _f(
         0, "Completions sampled per call, whole groups (bounds the KV cache); 0: this process's whole batch."
     )

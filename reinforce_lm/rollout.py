@@ -17,6 +17,7 @@ from functools import cache
 
 import torch
 
+from reinforce_lm.decoder import lean_decoder
 from reinforce_lm.models import cache_kwarg, forward_kwargs
 
 
@@ -206,8 +207,10 @@ class Sampler:
         backend: str = "native",
         seeded: bool = True,
         max_batch: int = 0,
+        lean: bool = True,
     ):
         self.tok = tokenizer
+        self.lean = lean  # native backend: decode steps by `decoder.LeanDecoder` where the model allows
         self.max_batch = max_batch  # sequences per sampling call (the KV cache's batch); 0: no limit
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
@@ -313,7 +316,10 @@ class Sampler:
             out = model(input_ids=ids, use_cache=True, **forward_kwargs(model, mask, keep=1))
             cache, logits = (out[ckw] if ckw in out else out.past_key_values), out.logits[:, -1]  # [B, V]
         B, Lp, T, dev = logits.shape[0], mask.shape[1], self.max_new_tokens, ids.device
-        _preallocate(cache, T)  # in-place KV writes, not a torch.cat of the whole cache per token
+        lean = lean_decoder(model, cache, Lp, T) if self.lean else None
+        if lean is None:
+            _preallocate(cache, T)  # in-place KV writes, not a torch.cat of the whole cache per token
+        padded = not bool(mask.all())  # without padding no attention mask is needed at all
         eos = torch.tensor(self.eos_ids(model), device=dev)
         amask = torch.cat([mask, mask.new_ones(B, T)], dim=1)  # [B, Lp+T]; step t reads a prefix view
         pos = mask.sum(1) - 1  # [B] position of the last prompt token
@@ -324,9 +330,12 @@ class Sampler:
         noise, t_noise = None, 0  # a block of Gumbel noise [n, steps, V] for positions t_noise...
         rows = None  # indices (into B) of the rows still decoded; None: all of them
         done = torch.zeros(B, dtype=torch.bool, device=dev)  # [n] over the decoded rows
-        can_drop = hasattr(cache, "batch_select_indices")
+        n_done = 0
+        can_drop = lean is not None or hasattr(cache, "batch_select_indices")
         for t in range(T):
-            scaled = logits.float() / self.temperature  # [n, V]
+            scaled = logits.float()  # [n, V]
+            if self.temperature != 1.0:
+                scaled = scaled / self.temperature
             if greedy:
                 tok = scaled.argmax(-1)
             else:
@@ -337,7 +346,8 @@ class Sampler:
                     tok = (filtered + noise[:, t - t_noise]).argmax(-1)  # Gumbel-max
                 else:
                     tok = torch.multinomial(filtered.softmax(-1), 1).squeeze(1)
-            tok = tok.masked_fill(done, self.pad_id)
+            if rows is not None or n_done:  # finished rows still decoded emit padding
+                tok = tok.masked_fill(done, self.pad_id)
             lp = scaled.log_softmax(-1).gather(1, tok[:, None]).squeeze(1)
             if rows is None:
                 tokens[:, t], logps[:, t] = tok, lp
@@ -352,13 +362,16 @@ class Sampler:
                 # Finished rows are not decoded further: drop them once a quarter of the batch is done
                 # (each drop copies the cache, so not on every single EOS).
                 keep = (~done).nonzero().squeeze(1)
-                cache.batch_select_indices(keep)
+                (lean.select if lean is not None else cache.batch_select_indices)(keep)
                 rows = keep if rows is None else rows[keep]
                 tok, pos, amask, done = tok[keep], pos[keep], amask[keep], done[keep]
                 if seeds is not None:
                     seeds = seeds[keep]
                     noise = noise[keep] if noise is not None else None
             pos = pos + 1
+            if lean is not None:
+                logits = lean.step(tok, pos, amask[:, : Lp + t + 1] if padded else None)
+                continue
             kw = {"attention_mask": amask[:, : Lp + t + 1]}
             if with_pos:
                 kw["position_ids"] = pos[:, None]

@@ -74,6 +74,7 @@ class ReinforceStage:
             backend=cfg.generation_backend,
             seeded=cfg.sampling == "seeded",
             max_batch=cfg.generation_batch_size,
+            lean=cfg.lean_decode,
         )
         self.running_mean = A.RunningMean(cfg.running_mean_decay)
         self.off_policy = cfg.updates_per_batch > 1 or cfg.minibatches > 1

@@ -1,0 +1,139 @@
+"""The lean decode step (reinforce_lm/decoder.py): the same log-probs as the model's own forward on every
+architecture it takes, and a fallback to the model's forward for everything else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+from transformers import AutoModelForCausalLM
+
+from reinforce_lm import decoder, toy
+from reinforce_lm.models import disable_dropout, token_logprobs
+from reinforce_lm.rollout import Sampler, row_seeds
+
+PROMPTS = ["a?", "bcd+1=", "j?", "0123456789?"]  # uneven lengths: left padding matters
+
+
+def _model(name: str, tok, **extra):
+    common = dict(
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+    )
+    common.update(extra)
+    config = {
+        "llama": T.LlamaConfig,
+        "llama_bias_rope": lambda **kw: T.LlamaConfig(
+            attention_bias=True,
+            mlp_bias=True,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
+            **kw,
+        ),
+        # a window longer than the prompts (so the cache holds them) but shorter than prompt + completion
+        "mistral_window": lambda **kw: T.MistralConfig(**{"sliding_window": 13, **kw}),
+        "qwen2": T.Qwen2Config,
+        "qwen3": lambda **kw: T.Qwen3Config(head_dim=16, **kw),
+    }[name](**common)
+    torch.manual_seed(0)
+    return disable_dropout(AutoModelForCausalLM.from_config(config)).eval()
+
+
+ARCHS = ["llama", "llama_bias_rope", "mistral_window", "qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_lean_steps_match_the_models_forward(name, tokenizer):
+    model = _model(name, tokenizer)
+    g = torch.arange(len(PROMPTS))
+    seeds = row_seeds(0, 0, g, 3)
+    lean = Sampler(tokenizer, max_new_tokens=9).sample(model, PROMPTS, g, 3, seeds)
+    plain = Sampler(tokenizer, max_new_tokens=9, lean=False).sample(model, PROMPTS, g, 3, seeds)
+    full = token_logprobs(model, lean.input_ids, lean.attention_mask, lean.response_ids.shape[1])
+    assert torch.allclose(full * lean.response_mask, lean.logp, atol=1e-5)
+    assert lean.completions == plain.completions  # the same Gumbel noise, the same logits to ~1e-7
+    assert torch.allclose(lean.logp, plain.logp, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_lean_decoder_is_used_for_the_llama_family(name, tokenizer, monkeypatch):
+    model = _model(name, tokenizer)
+    made = []
+    real = decoder.lean_decoder
+
+    def spy(*args):
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr("reinforce_lm.rollout.lean_decoder", spy)
+    Sampler(tokenizer, max_new_tokens=4).sample(model, PROMPTS[:2], torch.arange(2), 2)
+    assert made and isinstance(made[0], decoder.LeanDecoder)
+
+
+def test_lean_decoder_declines_what_it_does_not_reproduce(tokenizer):
+    ids = tokenizer(["0123456789?"], return_tensors="pt").input_ids  # 11 tokens
+
+    def attempt(model):
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True)
+        cache = out.get("cache", None) or out.past_key_values
+        return decoder.lean_decoder(model, cache, ids.shape[1], 4)
+
+    llama = _model("llama", tokenizer)
+    assert isinstance(attempt(llama), decoder.LeanDecoder)
+    assert attempt(toy.make_model("gpt2", tokenizer)) is None  # another architecture
+    hooked = _model("llama", tokenizer)
+    hooked.model.layers[0].mlp.register_forward_hook(lambda *a: None)  # FSDP, offloading, probes...
+    assert attempt(hooked) is None
+    gelu = _model("llama", tokenizer, hidden_act="gelu")
+    assert attempt(gelu) is None
+    dynamic = _model("llama", tokenizer, rope_parameters={"rope_type": "dynamic", "factor": 2.0})
+    assert attempt(dynamic) is None
+    # transformers keeps only the last `sliding_window` keys of a prompt longer than the window: the
+    # cache does not hold the whole prompt, so the model's forward is used (tested in test_rollout)
+    assert attempt(_model("mistral_window", tokenizer, sliding_window=5)) is None
+
+
+def test_lean_decoder_declines_lora(tokenizer):
+    peft = pytest.importorskip("peft")
+    model = _model("llama", tokenizer)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    g = torch.arange(2)
+    r = Sampler(tokenizer, max_new_tokens=5).sample(lora, PROMPTS[:2], g, 2, row_seeds(0, 0, g, 2))
+    full = token_logprobs(lora, r.input_ids, r.attention_mask, r.response_ids.shape[1])
+    assert torch.allclose(full * r.response_mask, r.logp, atol=1e-5)
+    ids = tokenizer(["a?"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = lora.get_base_model()(input_ids=ids, use_cache=True)
+    cache = out.get("cache", None) or out.past_key_values
+    assert decoder.lean_decoder(lora.get_base_model(), cache, ids.shape[1], 4) is None
+
+
+def test_finished_rows_are_dropped_in_the_lean_decoder(tokenizer):
+    """Many samples of a tiny random Llama hit EOS early: rows are dropped from the lean decoder's
+    cache, and every log-prob still matches the full forward."""
+    model = toy.make_model("llama", tokenizer)
+    g = torch.arange(1)
+    r = Sampler(tokenizer, max_new_tokens=12).sample(model, ["a?"], g, 64, row_seeds(0, 0, g, 64))
+    lengths = r.response_mask.sum(1)
+    assert (lengths < 12).float().mean() > 0.25  # enough finished rows to trigger a drop
+    full = token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
+    assert torch.allclose(full * r.response_mask, r.logp, atol=1e-5)
+
+
+def test_lean_steps_under_bf16_autocast(tokenizer):
+    """Mixed precision (`--mixed-precision bf16`): the lean step follows the model's forward under the
+    same autocast, to bf16 accuracy."""
+    model = _model("qwen2", tokenizer)
+    g = torch.arange(len(PROMPTS))
+    seeds = row_seeds(0, 0, g, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = Sampler(tokenizer, max_new_tokens=6).sample(model, PROMPTS, g, 2, seeds)
+        full = token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
+    assert torch.allclose(full * r.response_mask, r.logp, atol=0.05)
