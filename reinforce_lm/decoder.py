@@ -80,8 +80,15 @@ class LeanDecoder:
         inner = model.model
         self.embed, self.norm = inner.embed_tokens.weight, (inner.norm.weight, _eps(inner.norm))
         self.head = (model.lm_head.weight, model.lm_head.bias)
+        # cos/sin of every position the rollout can reach, computed once as the model's rotary module
+        # does (float32 angles, scaled, cast to the hidden dtype); the rotate_half sign is folded into sin
         rot = inner.rotary_emb
-        self.inv_freq, self.rope_scale = rot.inv_freq, rot.attention_scaling
+        freqs = torch.arange(keys[0].shape[-2] + extra + 1, device=self.embed.device).float()[:, None]
+        freqs = freqs * rot.inv_freq.to(self.embed.device).float()  # [P, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [P, hd]
+        self.cos = (emb.cos() * rot.attention_scaling).to(self.embed.dtype)
+        sin = (emb.sin() * rot.attention_scaling).to(self.embed.dtype)
+        self.sin = torch.cat([-sin[:, : sin.shape[1] // 2], sin[:, sin.shape[1] // 2 :]], dim=-1)
         cfg = model.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.n = keys[0].shape[-2]  # positions written so far
@@ -100,11 +107,8 @@ class LeanDecoder:
         """
         B, n = tokens.shape[0], self.n + 1
         h = F.embedding(tokens, self.embed)[:, None, :]  # [B, 1, D]
-        freqs = positions[:, None, None].float() * self.inv_freq.float()  # [B, 1, hd/2]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos = (emb.cos() * self.rope_scale).to(h.dtype)[:, None]  # [B, 1, 1, hd]
-        sin = (emb.sin() * self.rope_scale).to(h.dtype)[:, None]
-        sin = torch.cat([-sin[..., : sin.shape[-1] // 2], sin[..., sin.shape[-1] // 2 :]], dim=-1)
+        cos = self.cos[positions][:, None, None, :]  # [B, 1, 1, hd]
+        sin = self.sin[positions][:, None, None, :]
         am = mask.bool()[:, None, None, :] if mask is not None else None  # [B, 1, 1, n]
         for i, L in enumerate(self.layers):
             x = _rms(h, *L["ln1"])

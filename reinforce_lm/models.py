@@ -124,7 +124,10 @@ def response_logits(model, input_ids, attention_mask, n_response: int, temperatu
     Only those positions go through the LM head (`logits_to_keep`), a large saving when the vocabulary
     is big and prompts are long.
     """
-    out = model(input_ids=input_ids, **forward_kwargs(model, attention_mask, keep=n_response + 1))
+    kw = forward_kwargs(model, attention_mask, keep=n_response + 1)
+    if "use_cache" in _forward_params(type(inner_model(model))):
+        kw["use_cache"] = False  # a scoring forward: building a KV cache costs time and memory for nothing
+    out = model(input_ids=input_ids, **kw)
     logits = out.logits[:, -(n_response + 1) : -1]  # [B, T, V]
     return logits / temperature if temperature != 1.0 else logits
 

@@ -40,9 +40,8 @@ class Rollout:
 
     def completion_ids(self) -> list[list[int]]:
         """Each completion's valid token ids (what reward functions get as `completion_ids`)."""
-        return [
-            r[m > 0].tolist() for r, m in zip(self.response_ids.cpu(), self.response_mask.cpu(), strict=True)
-        ]
+        lengths = self.response_mask.sum(1).long().tolist()  # the valid tokens are a prefix of each row
+        return [r[:n] for r, n in zip(self.response_ids.tolist(), lengths, strict=True)]
 
     @property
     def attention_mask(self) -> torch.Tensor:
@@ -288,10 +287,9 @@ class Sampler:
         resp = resp.masked_fill(rmask == 0, self.pad_id)
         if logp is not None:
             logp = logp[:, :length] * rmask
-        texts = [
-            self.tok.decode(r[m > 0], skip_special_tokens=True)
-            for r, m in zip(resp.cpu(), rmask.cpu(), strict=True)
-        ]
+        lengths = rmask.sum(1).long().tolist()  # valid tokens are a prefix: up to and including EOS
+        rows = [r[:n] for r, n in zip(resp.tolist(), lengths, strict=True)]
+        texts = self.tok.batch_decode(rows, skip_special_tokens=True)
         return Rollout(
             prompt_ids=ids.repeat_interleave(k, 0),
             prompt_mask=mask.repeat_interleave(k, 0),
@@ -321,6 +319,7 @@ class Sampler:
             _preallocate(cache, T)  # in-place KV writes, not a torch.cat of the whole cache per token
         padded = not bool(mask.all())  # without padding no attention mask is needed at all
         eos = torch.tensor(self.eos_ids(model), device=dev)
+        is_eos = (lambda x: x == eos[0]) if len(eos) == 1 else (lambda x: torch.isin(x, eos))
         amask = torch.cat([mask, mask.new_ones(B, T)], dim=1)  # [B, Lp+T]; step t reads a prefix view
         pos = mask.sum(1) - 1  # [B] position of the last prompt token
         with_pos = "position_ids" in forward_kwargs(model, mask[:1, :1])
@@ -353,7 +352,7 @@ class Sampler:
                 tokens[:, t], logps[:, t] = tok, lp
             else:
                 tokens[rows, t], logps[rows, t] = tok, lp
-            done = done | torch.isin(tok, eos)
+            done = done | is_eos(tok)
             n, n_done = done.shape[0], int(done.sum())  # the one host sync per token
             finished = n_done == n if self.sync_stop is None else self.sync_stop(n_done == n)
             if finished or t == T - 1:
@@ -372,7 +371,7 @@ class Sampler:
             if lean is not None:
                 logits = lean.step(tok, pos, amask[:, : Lp + t + 1] if padded else None)
                 continue
-            kw = {"attention_mask": amask[:, : Lp + t + 1]}
+            kw = {"attention_mask": amask[:, : Lp + t + 1]} if padded else {}
             if with_pos:
                 kw["position_ids"] = pos[:, None]
             out = model(input_ids=tok[:, None], use_cache=True, **{ckw: cache}, **kw)
