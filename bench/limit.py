@@ -7,7 +7,9 @@ The step is split into its necessary parts, each timed alone in plain PyTorch on
 sizes as `bench/vs_trl.py`:
 
 1. sampling: one prefill per prompt, its KV cache repeated K times, T decode steps through the model's
-   own `DynamicCache`, `torch.multinomial` on the last position's softmax (no trainer around it);
+   own `DynamicCache`, `torch.multinomial` on the last position's softmax (no trainer around it); and
+   the same loop with reinforce-lm's lean decode step instead of the model's forward (the faster of the
+   two counts: it is the cheapest sampling we know);
 2. one reference forward over the B sequences under `inference_mode` (only when beta > 0);
 3. one policy forward and backward per micro-batch (log-softmax of the chosen tokens, a REINFORCE loss);
 4. one optimiser step (clip the gradient norm, AdamW step, zero the gradients).
@@ -16,7 +18,8 @@ A reinforce-lm step (`run_train`, the same sizes) is then timed in the same proc
 median step to the sum of the parts' medians is printed. Times are wall and CPU seconds of one thread
 (the CPU is shared: CPU time is the steadier of the two). Memory: the parameter, gradient and optimiser
 bytes, the activations that one micro-batch keeps for backward (summed with saved-tensor hooks) and the
-KV cache, against the peak RSS of a fresh process running reinforce-lm minus its RSS after imports.
+KV cache, against the peak RSS of a fresh process running reinforce-lm minus its RSS after imports, and
+how much of that peak the allocator held as free memory.
 """
 
 from __future__ import annotations
@@ -77,6 +80,26 @@ def sample_plain(model, ids, mask, K: int, T: int):
             ]
 
 
+def sample_lean(model, ids, mask, K: int, T: int):
+    """The same sampling with reinforce-lm's lean decode step (reinforce_lm/decoder.py) for the per-token
+    forwards instead of the model's own forward: the fastest plain loop we know for Llama-family models."""
+    from reinforce_lm.decoder import lean_decoder
+
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values if "past_key_values" in out else out.cache
+        cache.batch_repeat_interleave(K)
+        logits, mask = out.logits[:, -1].repeat_interleave(K, 0), mask.repeat_interleave(K, 0)
+        dec = lean_decoder(model, cache, mask.shape[1], T)
+        pos = mask.sum(1) - 1
+        full = torch.cat([mask, mask.new_ones(mask.shape[0], T)], 1)
+        padded = not bool(mask.all())
+        for t in range(T):
+            tok = torch.multinomial(logits.softmax(-1), 1).squeeze(1)  # [B]
+            pos = pos + 1
+            logits = dec.step(tok, pos, full[:, : mask.shape[1] + t + 1] if padded else None)
+
+
 def logp_of(model, full, fmask, T: int) -> torch.Tensor:
     pos = (fmask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=full, attention_mask=fmask, position_ids=pos, logits_to_keep=T + 1).logits[
@@ -109,10 +132,11 @@ def activation_bytes(model, full, fmask, T: int, micro: int) -> int:
     return sum(b for ptr, b in seen.items() if ptr not in params)
 
 
-def reinforce_lm_steps(model_dir: str, size: dict, beta: float, steps: int) -> list[dict]:
+def reinforce_lm_steps(model_dir: str, size: dict, beta: float, steps: int, watch=None) -> list[dict]:
     from reinforce_lm import trainer as trainer_mod
     from reinforce_lm.config import TrainConfig, build_config
     from reinforce_lm.runner import run_train
+    from reinforce_lm.stages import reinforce as stage_mod
 
     rows, marks = [], [(time.perf_counter(), time.process_time())]
 
@@ -124,6 +148,15 @@ def reinforce_lm_steps(model_dir: str, size: dict, beta: float, steps: int) -> l
             super().log(step, metrics)
 
     trainer_mod.MetricsLogger = Marked
+    if watch is not None:  # the start of step 1: models loaded, nothing of training allocated yet
+        collect = stage_mod.ReinforceStage.collect
+
+        def marked_collect(self, step):
+            if step == 0:
+                watch.start_training()
+            return collect(self, step)
+
+        stage_mod.ReinforceStage.collect = marked_collect
 
     with tempfile.TemporaryDirectory() as out:
         cfg = build_config(
@@ -174,6 +207,9 @@ def measure(model_name: str, beta: float, repeats: int, steps: int) -> dict:
 
     policy.eval()
     parts = {"sampling (KV cache)": timed(lambda: sample_plain(policy, ids, mask, K, T), repeats)}
+    lean = timed(lambda: sample_lean(policy, ids, mask, K, T), repeats)
+    alternatives = {"sampling, model forward": parts["sampling (KV cache)"], "sampling, lean step": lean}
+    parts["sampling (KV cache)"] = min(parts["sampling (KV cache)"], lean)  # the faster of the two
     policy.train()
     if beta > 0:
         parts["reference forward"] = timed(ref_fwd, repeats)
@@ -194,6 +230,7 @@ def measure(model_name: str, beta: float, repeats: int, steps: int) -> dict:
         beta=beta,
         size=size,
         parts=parts,
+        sampling=alternatives,
         step_wall=step_wall,
         phases={k: statistics.median(r[k] for r in rows) for k in ("generate_seconds", "backward_seconds")},
         memory=dict(
@@ -208,15 +245,18 @@ def measure(model_name: str, beta: float, repeats: int, steps: int) -> dict:
 
 
 def peak_rss_of_run(model_name: str, beta: float, steps: int, threads: int) -> dict:
-    """Peak RSS of reinforce-lm training in a fresh process up to the end of its last step (before the
-    final checkpoint is written), and its RSS after imports."""
+    """Memory of reinforce-lm training in a fresh process: RSS after imports, at the start of step 1
+    (models loaded), the peak up to the end of the last step (before the final checkpoint), and how much
+    of that peak the C allocator held as free memory (glibc `mallinfo2`, sampled with RSS every ms)."""
     code = (
         f"import sys, json, torch; sys.path.insert(0, {str(HERE)!r}); import common, limit\n"
         f"torch.set_num_threads({threads}); import reinforce_lm.runner, transformers\n"
         "base = common.current_rss_mib()\n"
+        "watch = limit.RssWatch()\n"
         f"d = str(common.build({model_name!r}))\n"
-        f"rows = limit.reinforce_lm_steps(d, limit.SIZES[{model_name!r}], {beta}, {steps})\n"
-        "print('RESULT', json.dumps({'base': base, 'peak': rows[-1]['peak']}))\n"
+        f"rows = limit.reinforce_lm_steps(d, limit.SIZES[{model_name!r}], {beta}, {steps}, watch)\n"
+        "watch.stop()\n"
+        "print('RESULT', json.dumps(dict(base=base, peak=rows[-1]['peak'], **watch.result())))\n"
     )
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TRANSFORMERS_VERBOSITY="error")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -224,6 +264,50 @@ def peak_rss_of_run(model_name: str, beta: float, steps: int, threads: int) -> d
     if not line:
         raise SystemExit(p.stdout[-2000:] + p.stderr[-4000:])
     return json.loads(line[-1][7:])
+
+
+class RssWatch:
+    """A thread that samples RSS and the allocator's free bytes every millisecond; keeps the sample with
+    the highest RSS after `start_training()` and the RSS at that call."""
+
+    def __init__(self):
+        import ctypes
+        import threading
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [
+                (n, ctypes.c_size_t)
+                for n in "arena ordblks smblks hblks hblkhd usm fsm uord ford keep".split()
+            ]
+
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallinfo2.restype = MallInfo2
+            self.mallinfo = libc.mallinfo2
+        except (OSError, AttributeError):  # not glibc
+            self.mallinfo = None
+        self.training, self.at_start, self.best = False, None, (0.0, float("nan"))
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def start_training(self):
+        self.at_start, self.training = common.current_rss_mib(), True
+
+    def _run(self):
+        while self.running:
+            rss = common.current_rss_mib()
+            if self.training and rss > self.best[0]:
+                free = self.mallinfo().ford / MiB if self.mallinfo else float("nan")
+                self.best = (rss, free)
+            time.sleep(0.001)
+
+    def stop(self):
+        self.running = False
+        self.thread.join()
+
+    def result(self) -> dict:
+        return {"at_start": self.at_start, "sampled_peak": self.best[0], "free_at_peak": self.best[1]}
 
 
 def main() -> None:
@@ -257,11 +341,13 @@ def render(results, args) -> str:
         f"Command: `{cmd.strip()}`  ",
         f"{args.threads} torch thread(s), fp32, medians; sizes as in vs_trl.md. Parts are timed alone in "
         "plain PyTorch; the step is the median time between the ends of `run_train`'s steps after a "
-        "warm-up step.",
+        "warm-up step. Sampling is timed twice, with the model's own forward and with the lean decode "
+        "step at every token; the sum takes the faster.",
         "",
         "## Time",
         "",
-        "| model | beta | P x K x T | sampling | ref fwd | policy fwd+bwd | optim | **sum (wall)** "
+        "| model | beta | P x K x T | sampling: model forward / lean step | ref fwd | policy fwd+bwd | optim "
+        "| **sum (wall)** "
         "| r-lm step (wall) | **ratio (wall)** | sum (CPU) | r-lm step (CPU) | **ratio (CPU)** "
         "| r-lm generate / update (wall) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -273,7 +359,9 @@ def render(results, args) -> str:
         ref = p.get("reference forward", (0.0, 0.0))[0]
         out.append(
             f"| {r['model']} | {r['beta']:g} | {s['p']}x{s['k']}x{s['t']} "
-            f"| {p['sampling (KV cache)'][0]:.3f} | {ref:.3f} | {p['policy forward+backward'][0]:.3f} "
+            f"| {r['sampling']['sampling, model forward'][0]:.3f} "
+            f"/ {r['sampling']['sampling, lean step'][0]:.3f} "
+            f"| {ref:.3f} | {p['policy forward+backward'][0]:.3f} "
             f"| {p['optimiser step'][0]:.3f} | **{total:.3f}** | {r['step_wall']:.3f} "
             f"| **{r['step_wall'] / total:.2f}x** | {total_cpu:.3f} | {r['step_cpu']:.3f} "
             f"| **{r['step_cpu'] / total_cpu:.2f}x** "
@@ -291,19 +379,30 @@ def render(results, args) -> str:
         "## Peak memory (MiB)",
         "",
         "| model | beta | policy | reference | gradients | AdamW state | activations (1 micro-batch) "
-        "| KV cache | **sum** | measured peak - RSS after imports | **measured / sum** |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| KV cache | **sum** | RSS after imports | at step 1 (models loaded) | peak "
+        "| allocator free at peak "
+        "| **(peak - imports) / sum** | **(peak - imports - free) / sum** |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         m = {k: v / MiB for k, v in r["memory"].items()}
         total = sum(m.values())
-        measured = r["rss"]["peak"] - r["rss"]["base"]
+        rss = r["rss"]
+        measured = rss["peak"] - rss["base"]
+        free = rss["free_at_peak"]
         out.append(
             f"| {r['model']} | {r['beta']:g} | {m['policy']:.1f} | {m['reference']:.1f} "
             f"| {m['gradients']:.1f} | {m['optimiser']:.1f} | {m['activations']:.1f} | {m['kv_cache']:.1f} "
-            f"| **{total:.1f}** "
-            f"| {measured:.1f} | **{measured / total:.2f}x** |"
+            f"| **{total:.1f}** | {rss['base']:.0f} | {rss['at_start']:.0f} | {rss['peak']:.0f} | {free:.0f} "
+            f"| **{measured / total:.2f}x** | **{(measured - free) / total:.2f}x** |"
         )
+    out += [
+        "",
+        "RSS after imports: torch, transformers and reinforce-lm imported. At step 1: the models and "
+        "tokenizer loaded, which also imports the parts of transformers that loading needs (~100 MiB "
+        "of modules, the same for every trainer). Allocator free at peak: bytes that glibc's malloc held "
+        "as free (freed by PyTorch, not returned to the system) at the moment of the highest sampled RSS.",
+    ]
     out.append("")
     return "\n".join(out)
 

@@ -145,14 +145,17 @@ def lean_decoder(model, cache, n_cached: int, extra: int) -> LeanDecoder | None:
     room for `extra` tokens, or None when `model` is not one it reproduces exactly."""
     if type(model).__name__ not in ARCHITECTURES:
         return None
-    cfg, inner = model.config, getattr(model, "model", None)
-    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-    if inner is None or not all(hasattr(inner, a) for a in needed) or not _plain(model.lm_head):
+    try:
+        return _build(model, cache, n_cached, extra)
+    except AttributeError:  # a variant of these classes laid out differently: use the model's forward
         return None
-    if (
-        getattr(cfg, "hidden_act", None) != "silu"
-        or getattr(inner.rotary_emb, "rope_type", None) not in STATIC_ROPE
-    ):
+
+
+def _build(model, cache, n_cached: int, extra: int) -> LeanDecoder | None:
+    cfg, inner = model.config, model.model
+    if not _plain(model.lm_head) or _eps(inner.norm) is None:
+        return None
+    if cfg.hidden_act != "silu" or getattr(inner.rotary_emb, "rope_type", None) not in STATIC_ROPE:
         return None
     if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):  # FSDP, offloading, ...
         return None
@@ -164,28 +167,21 @@ def lean_decoder(model, cache, n_cached: int, extra: int) -> LeanDecoder | None:
         a, mlp = layer.self_attn, layer.mlp
         parts = dict(q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj, gate=mlp.gate_proj, up=mlp.up_proj)
         parts["down"] = mlp.down_proj
-        if not _plain(*parts.values()):
+        norms = dict(ln1=layer.input_layernorm, ln2=layer.post_attention_layernorm)
+        if getattr(a, "q_norm", None) is not None:  # Qwen3
+            norms.update(qn=a.q_norm, kn=a.k_norm)
+        k, v = getattr(c, "keys", None), getattr(c, "values", None)
+        if not _plain(*parts.values()) or any(_eps(n) is None for n in norms.values()):
             return None
-        qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+        if k is None or k.dim() != 4 or k.shape[-2] != n_cached:  # e.g. a sliding cache that dropped keys
+            return None
         if hasattr(a, "sliding_window"):
             window = a.sliding_window
         else:  # Mistral reads it from the config
-            window = (
-                getattr(cfg, "sliding_window", None) if type(model).__name__ == "MistralForCausalLM" else None
-            )
-        k, v = getattr(c, "keys", None), getattr(c, "values", None)
-        if k is None or k.dim() != 4 or k.shape[-2] != n_cached:  # e.g. a sliding cache that dropped keys
-            return None
-        eps = [_eps(n) for n in (layer.input_layernorm, layer.post_attention_layernorm, qn, kn)]
-        if None in eps[:2] or (qn is not None and None in eps[2:]):
-            return None
-        layer_args = {name: (m.weight, m.bias) for name, m in parts.items()}  # F.linear(x, w, b)
-        layer_args.update(
-            ln1=(layer.input_layernorm.weight, eps[0]), ln2=(layer.post_attention_layernorm.weight, eps[1])
-        )
-        layer_args.update(qn=(qn.weight, eps[2]) if qn is not None else None)
-        layer_args.update(kn=(kn.weight, eps[3]) if kn is not None else None)
-        layers.append(dict(layer_args, window=window, scale=a.scaling))
+            window = cfg.sliding_window if type(model).__name__ == "MistralForCausalLM" else None
+        args = {name: (m.weight, m.bias) for name, m in parts.items()}  # F.linear(x, w, b)
+        args.update({name: (n.weight, _eps(n)) for name, n in norms.items()})  # _rms(x, w, eps)
+        layers.append(dict(args, qn=args.get("qn"), kn=args.get("kn"), window=window, scale=a.scaling))
         keys.append(k)
         values.append(v)
     return LeanDecoder(model, layers, keys, values, extra)

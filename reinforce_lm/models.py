@@ -95,27 +95,39 @@ def forward_kwargs(model, attention_mask: torch.Tensor, keep: int | None = None)
     return kw
 
 
-def selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+CHUNK_ELEMENTS = 1 << 24  # logits upcast to float32 at once: 64 MiB
+
+
+def _rows(logits: torch.Tensor, elements: int = CHUNK_ELEMENTS) -> int:
+    """Rows of `logits` [B, T, V] per chunk so that a chunk holds at most `elements` values."""
+    return max(1, elements // max(1, logits.shape[1] * logits.shape[2]))
+
+
+def selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[tokens] without a float32 copy of the whole `[B, T, V]` tensor.
 
-    logits [B, T, V] (any dtype), tokens [B, T] -> [B, T] float32. Rows are processed `chunk` at a
-    time, so at most `[chunk, T, V]` is ever upcast.
+    logits [B, T, V] (any dtype), tokens [B, T] -> [B, T] float32. Rows are processed a few at a time
+    (at most CHUNK_ELEMENTS logits per chunk are upcast); small batches go in one piece.
     """
     out = []
-    for lg, tk in zip(logits.split(chunk), tokens.split(chunk), strict=True):
+    n = _rows(logits)
+    for lg, tk in zip(logits.split(n), tokens.split(n), strict=True):
         lg = lg.float()
         out.append(lg.gather(-1, tk.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
-    return torch.cat(out)  # [B, T]
+    return out[0] if len(out) == 1 else torch.cat(out)  # [B, T]
 
 
 @torch.no_grad()
-def entropy_from_logits(logits: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-    """Per-token entropy of softmax(logits): [B, T, V] -> [B, T] float32, chunked over rows."""
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-token entropy of softmax(logits): [B, T, V] -> [B, T] float32, chunked over rows.
+
+    A metric only: smaller chunks than the log-probs (its three temporaries are freed at once anyway).
+    """
     out = []
-    for lg in logits.split(chunk):
+    for lg in logits.split(_rows(logits, CHUNK_ELEMENTS // 8)):
         logp = F.log_softmax(lg.float(), dim=-1)
         out.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(out)
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def response_logits(model, input_ids, attention_mask, n_response: int, temperature: float = 1.0):
