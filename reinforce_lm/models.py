@@ -85,14 +85,32 @@ def cache_kwarg(model) -> str:
 
 
 def forward_kwargs(model, attention_mask: torch.Tensor, keep: int | None = None) -> dict:
-    """Position ids from the attention mask (left padding) and `logits_to_keep` where supported."""
+    """The attention mask and position ids (left padding) and `logits_to_keep` where supported.
+
+    A mask that pads only on the right is left out: under causal attention no token attends to a later
+    padding token, and the positions are 0..L-1, the default. The model then takes its unmasked causal
+    attention path (no [B, 1, L, L] mask is built; flash kernels on GPU). Outputs at padded positions
+    are not used.
+    """
     params = _forward_params(type(inner_model(model)))
-    kw = {"attention_mask": attention_mask}
-    if "position_ids" in params:
-        kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    kw = {}
+    if not only_right_padding(attention_mask):
+        kw["attention_mask"] = attention_mask
+        if "position_ids" in params:
+            kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     if keep is not None and "logits_to_keep" in params:
         kw["logits_to_keep"] = keep
     return kw
+
+
+def takes_position_ids(model) -> bool:
+    return "position_ids" in _forward_params(type(inner_model(model)))
+
+
+def only_right_padding(attention_mask: torch.Tensor) -> bool:
+    """[B, L] mask -> True when every row is ones then zeros (no padding counts too)."""
+    m = attention_mask.bool()
+    return bool((m[:, 0].all() & (m[:, 1:] <= m[:, :-1]).all()).item())
 
 
 CHUNK_ELEMENTS = 1 << 24  # logits upcast to float32 at once: 64 MiB

@@ -18,7 +18,7 @@ from functools import cache
 import torch
 
 from reinforce_lm.decoder import lean_decoder
-from reinforce_lm.models import cache_kwarg, forward_kwargs
+from reinforce_lm.models import cache_kwarg, forward_kwargs, takes_position_ids
 
 
 @dataclass
@@ -322,7 +322,7 @@ class Sampler:
         is_eos = (lambda x: x == eos[0]) if len(eos) == 1 else (lambda x: torch.isin(x, eos))
         amask = torch.cat([mask, mask.new_ones(B, T)], dim=1)  # [B, Lp+T]; step t reads a prefix view
         pos = mask.sum(1) - 1  # [B] position of the last prompt token
-        with_pos = "position_ids" in forward_kwargs(model, mask[:1, :1])
+        with_pos = takes_position_ids(model)
         seeds = row_seed.to(dev) if self.seeded and row_seed is not None and not greedy else None
         tokens = torch.full((B, T), self.pad_id, dtype=torch.long, device=dev)  # [B, T]
         logps = torch.zeros(B, T, device=dev)  # [B, T]

@@ -32,3 +32,31 @@ def test_selective_log_softmax_of_bf16_logits_is_float32():
     assert got.dtype == torch.float32
     want = logits.float().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_only_right_padding():
+    assert models.only_right_padding(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert not models.only_right_padding(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding
+    assert not models.only_right_padding(torch.tensor([[1, 0, 1]]))  # a hole
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_right_padded_batches_score_the_same_without_a_mask(arch, tokenizer):
+    """token_logprobs leaves out a mask that only pads on the right (causal attention cannot see later
+    padding): the log-probs of valid tokens equal those of a forward given the mask."""
+    from reinforce_lm import toy
+
+    model = toy.make_model(arch, tokenizer).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, len(tokenizer), (3, 9), generator=g)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:], mask[2, 4:] = 0, 0  # responses of different lengths
+    ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    got = models.token_logprobs(model, ids, mask, 5)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, -6:-1]
+    want = logits.log_softmax(-1).gather(-1, ids[:, -5:, None]).squeeze(-1)
+    valid = mask[:, -5:].bool()
+    assert torch.allclose(got[valid], want[valid], atol=1e-5)
+    assert models.forward_kwargs(model, mask).get("attention_mask") is None
+    left = mask.flip(1)
+    assert models.forward_kwargs(model, left)["attention_mask"] is left
