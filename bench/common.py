@@ -19,6 +19,7 @@ import json
 import os
 import random
 import resource
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,8 +33,21 @@ def reward(prompts, completions, **_) -> list[float]:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process so far, MiB.
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this process image. Not `ru_maxrss`: that
+    one survives exec, so a child started by a large parent reports the parent's RSS at fork as its
+    own peak (it inflated the figures of a process started from a driver holding models).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
 def current_rss_mib() -> float:
