@@ -330,6 +330,7 @@ class Sampler:
         rows = None  # indices (into B) of the rows still decoded; None: all of them
         done = torch.zeros(B, dtype=torch.bool, device=dev)  # [n] over the decoded rows
         n_done = 0
+        columns = []  # (tokens [B], log-probs [B]) of each step while no row has been dropped
         can_drop = lean is not None or hasattr(cache, "batch_select_indices")
         for t in range(T):
             scaled = logits.float()  # [n, V]
@@ -348,22 +349,28 @@ class Sampler:
             if rows is not None or n_done:  # finished rows still decoded emit padding
                 tok = tok.masked_fill(done, self.pad_id)
             lp = scaled.log_softmax(-1).gather(1, tok[:, None]).squeeze(1)
-            if rows is None:
-                tokens[:, t], logps[:, t] = tok, lp
+            if rows is None:  # all rows: kept as columns, stacked once at the end
+                columns.append((tok, lp))
             else:
                 tokens[rows, t], logps[rows, t] = tok, lp
-            done = done | is_eos(tok)
-            n, n_done = done.shape[0], int(done.sum())  # the one host sync per token
+            hit = is_eos(tok)
+            if hit.any():  # the one host sync per token
+                done = done | hit
+                n_done = int(done.sum())
+            n = done.shape[0]
             finished = n_done == n if self.sync_stop is None else self.sync_stop(n_done == n)
             if finished or t == T - 1:
                 break
             if can_drop and 0 < n_done < n and 4 * n_done >= n:
+                if rows is None:
+                    tokens[:, : len(columns)] = torch.stack([c[0] for c in columns], 1)
+                    logps[:, : len(columns)] = torch.stack([c[1] for c in columns], 1)
                 # Finished rows are not decoded further: drop them once a quarter of the batch is done
                 # (each drop copies the cache, so not on every single EOS).
                 keep = (~done).nonzero().squeeze(1)
                 (lean.select if lean is not None else cache.batch_select_indices)(keep)
                 rows = keep if rows is None else rows[keep]
-                tok, pos, amask, done = tok[keep], pos[keep], amask[keep], done[keep]
+                tok, pos, amask, done, n_done = tok[keep], pos[keep], amask[keep], done[keep], 0
                 if seeds is not None:
                     seeds = seeds[keep]
                     noise = noise[keep] if noise is not None else None
@@ -376,6 +383,9 @@ class Sampler:
                 kw["position_ids"] = pos[:, None]
             out = model(input_ids=tok[:, None], use_cache=True, **{ckw: cache}, **kw)
             logits = out.logits[:, -1]
+        if rows is None:
+            tokens[:, : len(columns)] = torch.stack([c[0] for c in columns], 1)
+            logps[:, : len(columns)] = torch.stack([c[1] for c in columns], 1)
         return tokens, logps  # [B, T], [B, T]
 
     def _hf(self, model, ids, mask, k, greedy):
