@@ -44,16 +44,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + swapped * sin
 
 
-def _attend(q, k, v, mask, scale: float) -> torch.Tensor:
+def _attend(q, k, v, mask, scale: float, fused: bool | None = None) -> torch.Tensor:
     """One query per row over the cache: q [B, H, hd], k/v [B, KV, n, hd], mask [B, 1, 1, n] bool or
     None -> [B, H*hd]. Grouped queries share their key/value head without copying it.
 
     On CPU, for a single query, two matmuls and a float32 softmax (Hugging Face's eager attention) beat
-    `scaled_dot_product_attention` by 1.2-1.9x; elsewhere the fused kernel is used.
+    `scaled_dot_product_attention` by 1.2-1.9x; elsewhere (or with `fused=True`) the fused kernel is used.
     """
     B, H, hd = q.shape
     KV = k.shape[1]
-    if q.device.type != "cpu":
+    if fused if fused is not None else q.device.type != "cpu":
         o = F.scaled_dot_product_attention(
             q[:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=H != KV
         )

@@ -137,3 +137,32 @@ def test_lean_steps_under_bf16_autocast(tokenizer):
         r = Sampler(tokenizer, max_new_tokens=6).sample(model, PROMPTS, g, 2, seeds)
         full = token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
     assert torch.allclose(full * r.response_mask, r.logp, atol=0.05)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_eager_and_fused_single_query_attention_agree(heads, kv_heads):
+    """The CPU path (two matmuls, float32 softmax) and the fused kernel used on GPUs give the same
+    attention, with grouped queries and a padding mask."""
+    g = torch.Generator().manual_seed(0)
+    B, n, hd = 3, 7, 8
+    q = torch.randn(B, heads, hd, generator=g)
+    k, v = torch.randn(2, B, kv_heads, n, hd, generator=g)
+    mask = torch.ones(B, 1, 1, n, dtype=torch.bool)
+    mask[0, ..., :3] = False  # a left-padded row
+    for m in (None, mask):
+        eager = decoder._attend(q, k, v, m, 0.3, fused=False)
+        fused = decoder._attend(q, k, v, m, 0.3, fused=True)
+        assert eager.shape == (B, heads * hd)
+        assert torch.allclose(eager, fused, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mistral_window", "qwen3"])
+def test_lean_steps_with_the_fused_attention_match_the_forward(name, tokenizer, monkeypatch):
+    """The GPU path of the lean step (the fused attention kernel), run on CPU: same log-probs."""
+    real = decoder._attend
+    monkeypatch.setattr(decoder, "_attend", lambda *a: real(*a, fused=True))
+    model = _model(name, tokenizer)
+    g = torch.arange(len(PROMPTS))
+    r = Sampler(tokenizer, max_new_tokens=9).sample(model, PROMPTS, g, 2, row_seeds(0, 0, g, 2))
+    full = token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
+    assert torch.allclose(full * r.response_mask, r.logp, atol=1e-5)
