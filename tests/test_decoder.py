@@ -166,3 +166,14 @@ def test_lean_steps_with_the_fused_attention_match_the_forward(name, tokenizer, 
     r = Sampler(tokenizer, max_new_tokens=9).sample(model, PROMPTS, g, 2, row_seeds(0, 0, g, 2))
     full = token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
     assert torch.allclose(full * r.response_mask, r.logp, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_lean_steps_of_a_bf16_model(name, tokenizer):
+    """Weights in bfloat16 (`--dtype bfloat16`): log-probs within bf16 rounding of the model's forward
+    (the model's own KV-cache loop is about as far off, ~1e-3)."""
+    model = _model(name, tokenizer).to(torch.bfloat16)
+    g = torch.arange(len(PROMPTS))
+    r = Sampler(tokenizer, max_new_tokens=9).sample(model, PROMPTS, g, 2, row_seeds(0, 0, g, 2))
+    full = token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
+    assert torch.allclose(full * r.response_mask, r.logp, atol=1e-2)
