@@ -84,8 +84,11 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in _forward_params(type(inner_model(model))) else "past_key_values"
 
 
-def forward_kwargs(model, attention_mask: torch.Tensor, keep: int | None = None) -> dict:
-    """The attention mask and position ids (left padding) and `logits_to_keep` where supported.
+def forward_kwargs(model, attention_mask: torch.Tensor, keep: int | None = None, use_cache=False) -> dict:
+    """The attention mask and position ids (left padding), `logits_to_keep` and `use_cache` where supported.
+
+    `use_cache` is off unless asked for: a scoring or training forward that builds a KV cache spends
+    time and memory on nothing.
 
     A mask that pads only on the right is left out: under causal attention no token attends to a later
     padding token, and the positions are 0..L-1, the default. The model then takes its unmasked causal
@@ -100,6 +103,8 @@ def forward_kwargs(model, attention_mask: torch.Tensor, keep: int | None = None)
             kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     if keep is not None and "logits_to_keep" in params:
         kw["logits_to_keep"] = keep
+    if "use_cache" in params:
+        kw["use_cache"] = use_cache
     return kw
 
 
@@ -154,10 +159,7 @@ def response_logits(model, input_ids, attention_mask, n_response: int, temperatu
     Only those positions go through the LM head (`logits_to_keep`), a large saving when the vocabulary
     is big and prompts are long.
     """
-    kw = forward_kwargs(model, attention_mask, keep=n_response + 1)
-    if "use_cache" in _forward_params(type(inner_model(model))):
-        kw["use_cache"] = False  # a scoring forward: building a KV cache costs time and memory for nothing
-    out = model(input_ids=input_ids, **kw)
+    out = model(input_ids=input_ids, **forward_kwargs(model, attention_mask, keep=n_response + 1))
     logits = out.logits[:, -(n_response + 1) : -1]  # [B, T, V]
     return logits / temperature if temperature != 1.0 else logits
 

@@ -303,7 +303,7 @@ class Sampler:
 
     def _native(self, model, ids, mask, k, row_seed, greedy):
         ckw = cache_kwarg(model)
-        out = model(input_ids=ids, use_cache=True, **forward_kwargs(model, mask, keep=1))
+        out = model(input_ids=ids, **forward_kwargs(model, mask, keep=1, use_cache=True))
         cache = out[ckw] if ckw in out else out.past_key_values
         logits = out.logits[:, -1]  # [P, V]
         if k > 1 and hasattr(cache, "batch_repeat_interleave"):  # one prefill per prompt, cache repeated
@@ -311,7 +311,7 @@ class Sampler:
             logits, mask = logits.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
         elif k > 1:  # a cache type that cannot be repeated (custom models): prefill every sample
             ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-            out = model(input_ids=ids, use_cache=True, **forward_kwargs(model, mask, keep=1))
+            out = model(input_ids=ids, **forward_kwargs(model, mask, keep=1, use_cache=True))
             cache, logits = (out[ckw] if ckw in out else out.past_key_values), out.logits[:, -1]  # [B, V]
         B, Lp, T, dev = logits.shape[0], mask.shape[1], self.max_new_tokens, ids.device
         lean = lean_decoder(model, cache, Lp, T) if self.lean else None

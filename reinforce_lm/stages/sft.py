@@ -20,6 +20,7 @@ from reinforce_lm.config import EngineConfig, _f, _positive
 from reinforce_lm.data import IGNORE_INDEX, collate_sft, load_sft, pack_sft, split_eval, step_indices
 from reinforce_lm.distributed import Dist, rank_chunks, unwrap
 from reinforce_lm.errors import ConfigError
+from reinforce_lm.models import forward_kwargs
 
 
 @dataclass
@@ -60,7 +61,7 @@ def sum_nll(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, tor
     this micro-batch are dropped first; logits are upcast to float32 once."""
     width = max(2, int(attention_mask.sum(1).max().item()))
     input_ids, attention_mask, labels = input_ids[:, :width], attention_mask[:, :width], labels[:, :width]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # [B, L-1, V]
+    logits = model(input_ids=input_ids, **forward_kwargs(model, attention_mask)).logits[:, :-1]  # [B, L-1, V]
     target = labels[:, 1:]  # [B, L-1]
     nll = F.cross_entropy(
         logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
