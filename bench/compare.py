@@ -5,7 +5,7 @@ every method for the same number of samples (steps x prompts x samples per promp
 through the public API (`runner.run_train`). Printed as one table and written to
 bench/results/compare.md, with the reward curves in bench/results/compare.png:
 
-- peak memory: each run is a fresh process; on CPU its peak RSS (`getrusage`) and the part of it that
+- peak memory: each run is a fresh process; on CPU its peak RSS (VmHWM) and the part of it that
   training adds (peak minus the RSS before `run_train`, after imports); on GPU the peak allocated.
 - seconds per step: median of `step_seconds` in metrics.jsonl (the first step left out), mean over seeds.
 - gradient variance: `diagnostics.gradient_variance` at FIXED parameters (no optimiser step), many
@@ -94,10 +94,10 @@ def train_config(args, root: Path, method: str, seed: int, output_dir: Path, **o
 
 # -- one training run in a fresh process (memory is per process) --------------------------------------
 def peak_rss_mb() -> float:
-    import resource
+    """This process's peak RSS (VmHWM; not `ru_maxrss`, which a child inherits from its parent)."""
+    import common
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+    return common.peak_rss_mib()
 
 
 def current_rss_mb() -> float:
