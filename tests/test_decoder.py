@@ -38,6 +38,30 @@ def _model(name: str, tok, **extra):
         ),
         # a window longer than the prompts (so the cache holds them) but shorter than prompt + completion
         "mistral_window": lambda **kw: T.MistralConfig(**{"sliding_window": 13, **kw}),
+        # Llama 3.x: llama3 rope scaling and tied embeddings
+        "llama3_tied": lambda **kw: T.LlamaConfig(
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "rope_theta": 500000.0,
+            },
+            **kw,
+        ),
+        # yarn scales cos/sin by an attention factor != 1
+        "qwen2_yarn": lambda **kw: T.Qwen2Config(
+            max_position_embeddings=64,
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "rope_theta": 10000.0,
+            },
+            **kw,
+        ),
         "qwen2": T.Qwen2Config,
         "qwen3": lambda **kw: T.Qwen3Config(head_dim=16, **kw),
     }[name](**common)
@@ -45,7 +69,7 @@ def _model(name: str, tok, **extra):
     return disable_dropout(AutoModelForCausalLM.from_config(config)).eval()
 
 
-ARCHS = ["llama", "llama_bias_rope", "mistral_window", "qwen2", "qwen3"]
+ARCHS = ["llama", "llama_bias_rope", "llama3_tied", "mistral_window", "qwen2", "qwen2_yarn", "qwen3"]
 
 
 @pytest.mark.parametrize("name", ARCHS)
