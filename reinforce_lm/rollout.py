@@ -331,6 +331,12 @@ class Sampler:
         done = torch.zeros(B, dtype=torch.bool, device=dev)  # [n] over the decoded rows
         n_done = 0
         columns = []  # (tokens [B], log-probs [B]) of each step while no row has been dropped
+
+        def flush():  # the columns into tokens/logps, once
+            if columns:
+                tokens[:, : len(columns)] = torch.stack([c[0] for c in columns], 1)
+                logps[:, : len(columns)] = torch.stack([c[1] for c in columns], 1)
+
         can_drop = lean is not None or hasattr(cache, "batch_select_indices")
         for t in range(T):
             scaled = logits.float()  # [n, V]
@@ -363,8 +369,7 @@ class Sampler:
                 break
             if can_drop and 0 < n_done < n and 4 * n_done >= n:
                 if rows is None:
-                    tokens[:, : len(columns)] = torch.stack([c[0] for c in columns], 1)
-                    logps[:, : len(columns)] = torch.stack([c[1] for c in columns], 1)
+                    flush()
                 # Finished rows are not decoded further: drop them once a quarter of the batch is done
                 # (each drop copies the cache, so not on every single EOS).
                 keep = (~done).nonzero().squeeze(1)
@@ -384,8 +389,7 @@ class Sampler:
             out = model(input_ids=tok[:, None], use_cache=True, **{ckw: cache}, **kw)
             logits = out.logits[:, -1]
         if rows is None:
-            tokens[:, : len(columns)] = torch.stack([c[0] for c in columns], 1)
-            logps[:, : len(columns)] = torch.stack([c[1] for c in columns], 1)
+            flush()
         return tokens, logps  # [B, T], [B, T]
 
     def _hf(self, model, ids, mask, k, greedy):
