@@ -157,7 +157,9 @@ def _build(model, cache, n_cached: int, extra: int) -> LeanDecoder | None:
         return None
     if cfg.hidden_act != "silu" or getattr(inner.rotary_emb, "rope_type", None) not in STATIC_ROPE:
         return None
-    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):  # FSDP, offloading, ...
+    if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in model.modules()):
+        return None  # FSDP, accelerate's offloading (it wraps `forward`), probes, ...
+    if any(p.device.type == "meta" for p in model.parameters()):
         return None
     cached = getattr(cache, "layers", None)
     if not cached or len(cached) != len(inner.layers):

@@ -113,8 +113,11 @@ def test_lean_decoder_declines_what_it_does_not_reproduce(tokenizer):
     assert isinstance(attempt(llama), decoder.LeanDecoder)
     assert attempt(toy.make_model("gpt2", tokenizer)) is None  # another architecture
     hooked = _model("llama", tokenizer)
-    hooked.model.layers[0].mlp.register_forward_hook(lambda *a: None)  # FSDP, offloading, probes...
+    hooked.model.layers[0].mlp.register_forward_hook(lambda *a: None)  # FSDP, probes...
     assert attempt(hooked) is None
+    offloaded = _model("llama", tokenizer)
+    offloaded.model.layers[1]._hf_hook = object()  # how accelerate marks a module whose forward it wraps
+    assert attempt(offloaded) is None
     gelu = _model("llama", tokenizer, hidden_act="gelu")
     assert attempt(gelu) is None
     dynamic = _model("llama", tokenizer, rope_parameters={"rope_type": "dynamic", "factor": 2.0})
