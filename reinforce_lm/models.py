@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from functools import cache
 from pathlib import Path
 
@@ -101,11 +102,26 @@ def forward_kwargs(model, attention_mask: torch.Tensor, keep: int | None = None,
         kw["attention_mask"] = attention_mask
         if "position_ids" in params:
             kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    elif not bool(attention_mask.all()):
+        _quiet_padding_warning()  # the mask is left out on purpose; see below
     if keep is not None and "logits_to_keep" in params:
         kw["logits_to_keep"] = keep
     if "use_cache" in params:
         kw["use_cache"] = use_cache
     return kw
+
+
+class _PaddingWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "strongly recommend passing in an `attention_mask`" not in record.getMessage()
+
+
+@cache
+def _quiet_padding_warning() -> None:
+    """Some models (GPT-2, ...) warn once when they see padding ids without an attention mask. Here the
+    mask is left out deliberately (right padding under causal attention), so that one message of
+    transformers' model logger is filtered out; nothing else is."""
+    logging.getLogger("transformers.modeling_utils").addFilter(_PaddingWarningFilter())
 
 
 def takes_position_ids(model) -> bool:

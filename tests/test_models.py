@@ -60,3 +60,42 @@ def test_right_padded_batches_score_the_same_without_a_mask(arch, tokenizer):
     assert models.forward_kwargs(model, mask).get("attention_mask") is None
     left = mask.flip(1)
     assert models.forward_kwargs(model, left)["attention_mask"] is left
+
+
+def test_no_padding_warning_when_the_mask_is_left_out_on_purpose(tokenizer):
+    """GPT-2 warns about padding ids without a mask; token_logprobs leaves the mask out deliberately for
+    right padding, so that warning (and only that one) is filtered."""
+    import logging
+
+    from reinforce_lm import toy
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    saved = list(logger.filters)
+    for f in saved:
+        logger.removeFilter(f)
+    models._quiet_padding_warning.cache_clear()
+    logger.addHandler(handler)
+    try:
+        model = toy.make_model("gpt2", tokenizer).eval()
+        ids = torch.randint(3, 20, (2, 6))
+        mask = torch.ones_like(ids)
+        mask[1, 4:], ids[1, 4:] = 0, tokenizer.pad_token_id
+        logging.Logger.warning_once.cache_clear()
+        model(input_ids=ids)  # the control: without a mask transformers warns
+        assert any("attention_mask" in m for m in seen)
+        seen.clear()
+        logging.Logger.warning_once.cache_clear()
+        models.token_logprobs(model, ids, mask, 3)
+        assert not any("attention_mask" in m for m in seen)
+        logger.warning("another message")  # other warnings still pass
+        assert seen == ["another message"]
+    finally:
+        logger.removeHandler(handler)
+        for f in list(logger.filters):
+            logger.removeFilter(f)
+        for f in saved:
+            logger.addFilter(f)
+        models._quiet_padding_warning.cache_clear()
