@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from reinforce_lm.errors import ConfigError
 
@@ -142,17 +143,29 @@ def _rows(logits: torch.Tensor, elements: int = CHUNK_ELEMENTS) -> int:
     return max(1, elements // max(1, logits.shape[1] * logits.shape[2]))
 
 
+def _chosen_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[b, T, V] any dtype, [b, T] -> [b, T] float32 log-probs of `tokens`, computed in float32."""
+    lg = logits.float()
+    return lg.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1)
+
+
 def selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[tokens] without a float32 copy of the whole `[B, T, V]` tensor.
 
     logits [B, T, V] (any dtype), tokens [B, T] -> [B, T] float32. Rows are processed a few at a time
-    (at most CHUNK_ELEMENTS logits per chunk are upcast); small batches go in one piece.
+    (at most CHUNK_ELEMENTS logits per chunk are upcast); small batches go in one piece. For bf16/fp16
+    logits that need a gradient, each chunk's float32 upcast is recomputed in the backward pass instead
+    of being kept for it: otherwise autograd would hold a float32 copy of every chunk, twice the size of
+    the logits themselves, until the backward.
     """
-    out = []
     n = _rows(logits)
+    recompute = logits.requires_grad and logits.dtype != torch.float32 and torch.is_grad_enabled()
+    out = []
     for lg, tk in zip(logits.split(n), tokens.split(n), strict=True):
-        lg = lg.float()
-        out.append(lg.gather(-1, tk.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
+        if recompute:
+            out.append(torch.utils.checkpoint.checkpoint(_chosen_logp, lg, tk, use_reentrant=False))
+        else:
+            out.append(_chosen_logp(lg, tk))
     return out[0] if len(out) == 1 else torch.cat(out)  # [B, T]
 
 
