@@ -184,31 +184,38 @@ class ReinforceStage:
         return batch, self.step_metrics(s, kl)
 
     def step_metrics(self, s: Scored, kl: torch.Tensor | None) -> dict[str, float]:
-        """Reward, length, KL and timing metrics of one step, reduced over processes."""
-        d, r, scores, parts, (t0, t1, t2, t3) = self.d, s.rollout, s.scores, s.parts, s.times
-        mask = r.response_mask
-        n = d.reduce_sum(torch.tensor(float(len(scores)), dtype=torch.double))
-        s1 = d.reduce_sum(scores.double().sum())
-        s2 = d.reduce_sum((scores.double() ** 2).sum())
-        mean = s1 / n
-        std = ((s2 - n * mean**2) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
-        lengths = mask.sum(1).double()
-        tokens = d.reduce_sum(lengths.sum())
+        """Reward, length, KL and timing metrics of one step, reduced over processes in one all-reduce."""
+        r, scores, parts, (t0, t1, t2, t3) = s.rollout, s.scores, s.parts, s.times
+        lengths, dev = r.response_mask.sum(1).double(), scores.device
+        local = {  # per-process sums; every metric below is a ratio of global sums
+            "n": torch.tensor(float(len(scores)), dtype=torch.double),
+            "s1": scores.double().sum(),
+            "s2": (scores.double() ** 2).sum(),
+            "tokens": lengths.sum(),
+            "clipped": (lengths >= self.cfg.max_new_tokens).double().sum(),
+            **{f"reward/{name}": v.double().sum() for name, v in parts.items()},
+        }
+        if kl is not None:
+            local["kl"] = kl.double().sum()
+        keys = list(local)
+        sums = self.d.reduce_sum(torch.stack([local[k].to(dev) for k in keys])).tolist()  # one host sync
+        total = dict(zip(keys, sums, strict=True))
+        n, tokens = total["n"], total["tokens"]
+        mean = total["s1"] / n
+        var = (total["s2"] - n * mean**2) / max(n - 1, 1)
         m = {
-            "reward_mean": mean.item(),
-            "reward_std": std.item(),
-            "response_length": (tokens / n).item(),
-            "completion_tokens": tokens.item(),
+            "reward_mean": mean,
+            "reward_std": max(var, 0.0) ** 0.5,
+            "response_length": tokens / n,
+            "completion_tokens": tokens,
             "generate_seconds": t1 - t0,
             "score_seconds": t2 - t1,
             "reference_seconds": t3 - t2,
         }
-        for name, v in parts.items():
-            m[f"reward/{name}"] = (d.reduce_sum(v.double().sum()) / n).item()
+        m.update({k: total[k] / n for k in keys if k.startswith("reward/")})
         if kl is not None:
-            m["kl"] = (d.reduce_sum(kl.double().sum()) / tokens.clamp(min=1)).item()
-        clipped = (lengths >= self.cfg.max_new_tokens).double().sum()
-        m["clipped_ratio"] = (d.reduce_sum(clipped) / n).item()
+            m["kl"] = total["kl"] / max(tokens, 1.0)
+        m["clipped_ratio"] = total["clipped"] / n
         return m
 
     def loss(self, micro, normalizer):
