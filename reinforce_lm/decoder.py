@@ -12,10 +12,14 @@ the per-token steps run here.
 
 `lean_decoder` returns None (and the sampler calls the model's forward instead) for anything it does not
 recognise exactly: other architectures, LoRA or quantised layers, hooked (FSDP) modules, rope scalings
-that change with the length, caches that do not hold the whole prompt.
+that change with the length, caches that do not hold the whole prompt. For those models `preallocate`
+makes the model's own `DynamicCache` write each new key and value in place (transformers appends with
+`torch.cat`, copying the whole cache at every token).
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -133,13 +137,6 @@ class LeanDecoder:
         return F.linear(_rms(h, *self.norm), *self.head)  # [B, V]
 
 
-def _grown(x: torch.Tensor, extra: int) -> torch.Tensor:
-    """[..., L, D] -> a buffer [..., L+extra, D] whose first L positions are `x`."""
-    buf = x.new_empty(*x.shape[:-2], x.shape[-2] + extra, x.shape[-1])
-    buf[..., : x.shape[-2], :] = x
-    return buf
-
-
 def lean_decoder(model, cache, n_cached: int, extra: int) -> LeanDecoder | None:
     """A `LeanDecoder` over `cache` (a prefilled transformers cache holding `n_cached` positions) with
     room for `extra` tokens, or None when `model` is not one it reproduces exactly."""
@@ -190,3 +187,72 @@ def _build(model, cache, n_cached: int, extra: int) -> LeanDecoder | None:
         keys.append(k)
         values.append(v)
     return LeanDecoder(model, layers, keys, values, extra)
+
+
+# -- the model's own cache, written in place (models without a lean step) -----------------------------
+@cache
+def _in_place_layer():
+    """The layer class, made on first use so that importing this module does not import transformers."""
+    from transformers.cache_utils import DynamicLayer
+
+    class InPlaceLayer(DynamicLayer):
+        """A `DynamicLayer` whose keys/values are growing views of buffers allocated once per rollout.
+
+        transformers' own layer appends each token with `torch.cat`, copying the whole cache every step
+        (quadratic in the completion length); this one writes the new token in place.
+        """
+
+        def __init__(self, layer: DynamicLayer, extra: int):
+            super().__init__()
+            self.device, self.is_initialized = layer.keys.device, True
+            self._n = layer.keys.shape[-2]
+            self._k = _grown(layer.keys, extra)
+            self._v = _grown(layer.values, extra)
+            self._views()
+
+        def _views(self):
+            self.keys, self.values = self._k[..., : self._n, :], self._v[..., : self._n, :]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n = self._n + key_states.shape[-2]
+            if n > self._k.shape[-2]:  # beyond the reservation: grow (not reached by the sampler)
+                self._k, self._v = _grown(self.keys, n - self._n), _grown(self.values, n - self._n)
+            self._k[..., self._n : n, :] = key_states
+            self._v[..., self._n : n, :] = value_states
+            self._n = n
+            self._views()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._views()
+
+        def batch_repeat_interleave(self, repeats: int):
+            self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
+            self._views()
+
+        def crop(self, tokens_to_remove: int):
+            if tokens_to_remove > 0:
+                raise ValueError("crop takes a negative count of tokens to remove")
+            self._n = max(0, self._n + tokens_to_remove)
+            self._views()
+
+    return InPlaceLayer
+
+
+def _grown(x: torch.Tensor, extra: int) -> torch.Tensor:
+    """[..., L, D] -> a buffer [..., L+extra, D] whose first L positions are `x`."""
+    buf = x.new_empty(*x.shape[:-2], x.shape[-2] + extra, x.shape[-1])
+    buf[..., : x.shape[-2], :] = x
+    return buf
+
+
+def preallocate(cache, extra: int) -> None:
+    """Swap each plain `DynamicLayer` of `cache` for an `InPlaceLayer` with room for `extra` tokens: the
+    decode steps of models without a lean step then write the KV cache in place too."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    for i, layer in enumerate(layers or []):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
+            layers[i] = _in_place_layer()(layer, extra)

@@ -13,11 +13,10 @@ Two backends behind one interface, `sampler.sample(model, prompts, group_ids, k,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 
-from reinforce_lm.decoder import lean_decoder
+from reinforce_lm.decoder import lean_decoder, preallocate
 from reinforce_lm.models import cache_kwarg, forward_kwargs, takes_position_ids
 
 
@@ -99,73 +98,6 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses p
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     return logits
-
-
-@cache
-def _in_place_layer():
-    """The layer class, made on first use so that importing this module does not import transformers."""
-    from transformers.cache_utils import DynamicLayer
-
-    class InPlaceLayer(DynamicLayer):
-        """A `DynamicLayer` whose keys/values are growing views of buffers allocated once per rollout.
-
-        transformers' own layer appends each token with `torch.cat`, copying the whole cache every step
-        (quadratic in the completion length); this one writes the new token in place.
-        """
-
-        def __init__(self, layer: DynamicLayer, extra: int):
-            super().__init__()
-            self.device, self.is_initialized = layer.keys.device, True
-            self._n = layer.keys.shape[-2]
-            self._k = _grown(layer.keys, extra)
-            self._v = _grown(layer.values, extra)
-            self._views()
-
-        def _views(self):
-            self.keys, self.values = self._k[..., : self._n, :], self._v[..., : self._n, :]
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            n = self._n + key_states.shape[-2]
-            if n > self._k.shape[-2]:  # beyond the reservation: grow (not reached by the sampler)
-                self._k, self._v = _grown(self.keys, n - self._n), _grown(self.values, n - self._n)
-            self._k[..., self._n : n, :] = key_states
-            self._v[..., self._n : n, :] = value_states
-            self._n = n
-            self._views()
-            return self.keys, self.values
-
-        def batch_select_indices(self, indices):
-            self._k, self._v = self._k[indices], self._v[indices]
-            self._views()
-
-        def batch_repeat_interleave(self, repeats: int):
-            self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
-            self._views()
-
-        def crop(self, tokens_to_remove: int):
-            if tokens_to_remove > 0:
-                raise ValueError("crop takes a negative count of tokens to remove")
-            self._n = max(0, self._n + tokens_to_remove)
-            self._views()
-
-    return InPlaceLayer
-
-
-def _grown(x: torch.Tensor, extra: int) -> torch.Tensor:
-    """[..., L, D] -> a buffer [..., L+extra, D] whose first L positions are `x`."""
-    buf = x.new_empty(*x.shape[:-2], x.shape[-2] + extra, x.shape[-1])
-    buf[..., : x.shape[-2], :] = x
-    return buf
-
-
-def _preallocate(cache, extra: int) -> None:
-    """Swap each plain `DynamicLayer` of `cache` for an `InPlaceLayer` with room for `extra` tokens."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    for i, layer in enumerate(layers or []):
-        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
-            layers[i] = _in_place_layer()(layer, extra)
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -316,7 +248,7 @@ class Sampler:
         B, Lp, T, dev = logits.shape[0], mask.shape[1], self.max_new_tokens, ids.device
         lean = lean_decoder(model, cache, Lp, T) if self.lean else None
         if lean is None:
-            _preallocate(cache, T)  # in-place KV writes, not a torch.cat of the whole cache per token
+            preallocate(cache, T)  # in-place KV writes, not a torch.cat of the whole cache per token
         padded = not bool(mask.all())  # without padding no attention mask is needed at all
         eos = torch.tensor(self.eos_ids(model), device=dev)
         is_eos = (lambda x: x == eos[0]) if len(eos) == 1 else (lambda x: torch.isin(x, eos))
