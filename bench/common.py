@@ -21,6 +21,7 @@ import random
 import resource
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 CACHE = Path(os.environ.get("REINFORCE_LM_BENCH_CACHE", Path(tempfile.gettempdir()) / "reinforce_lm_bench"))
@@ -53,6 +54,50 @@ def peak_rss_mib() -> float:
 def current_rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class RssWatch:
+    """A thread that samples RSS and the allocator's free bytes every millisecond; keeps the sample with
+    the highest RSS after `start_training()` and the RSS at that call."""
+
+    def __init__(self):
+        import ctypes
+        import threading
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [
+                (n, ctypes.c_size_t)
+                for n in "arena ordblks smblks hblks hblkhd usm fsm uord ford keep".split()
+            ]
+
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallinfo2.restype = MallInfo2
+            self.mallinfo = libc.mallinfo2
+        except (OSError, AttributeError):  # not glibc
+            self.mallinfo = None
+        self.training, self.at_start, self.best = False, None, (0.0, float("nan"))
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def start_training(self):
+        self.at_start, self.training = current_rss_mib(), True
+
+    def _run(self):
+        while self.running:
+            rss = current_rss_mib()
+            if self.training and rss > self.best[0]:
+                free = self.mallinfo().ford / 2**20 if self.mallinfo else float("nan")
+                self.best = (rss, free)
+            time.sleep(0.001)
+
+    def stop(self):
+        self.running = False
+        self.thread.join()
+
+    def result(self) -> dict:
+        return {"at_start": self.at_start, "sampled_peak": self.best[0], "free_at_peak": self.best[1]}
 
 
 def _words(n: int, seed: int) -> list[str]:

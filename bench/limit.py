@@ -252,7 +252,7 @@ def peak_rss_of_run(model_name: str, beta: float, steps: int, threads: int) -> d
         f"import sys, json, torch; sys.path.insert(0, {str(HERE)!r}); import common, limit\n"
         f"torch.set_num_threads({threads}); import reinforce_lm.runner, transformers\n"
         "base = common.current_rss_mib()\n"
-        "watch = limit.RssWatch()\n"
+        "watch = common.RssWatch()\n"
         f"d = str(common.build({model_name!r}))\n"
         f"rows = limit.reinforce_lm_steps(d, limit.SIZES[{model_name!r}], {beta}, {steps}, watch)\n"
         "watch.stop()\n"
@@ -264,50 +264,6 @@ def peak_rss_of_run(model_name: str, beta: float, steps: int, threads: int) -> d
     if not line:
         raise SystemExit(p.stdout[-2000:] + p.stderr[-4000:])
     return json.loads(line[-1][7:])
-
-
-class RssWatch:
-    """A thread that samples RSS and the allocator's free bytes every millisecond; keeps the sample with
-    the highest RSS after `start_training()` and the RSS at that call."""
-
-    def __init__(self):
-        import ctypes
-        import threading
-
-        class MallInfo2(ctypes.Structure):
-            _fields_ = [
-                (n, ctypes.c_size_t)
-                for n in "arena ordblks smblks hblks hblkhd usm fsm uord ford keep".split()
-            ]
-
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallinfo2.restype = MallInfo2
-            self.mallinfo = libc.mallinfo2
-        except (OSError, AttributeError):  # not glibc
-            self.mallinfo = None
-        self.training, self.at_start, self.best = False, None, (0.0, float("nan"))
-        self.running = True
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def start_training(self):
-        self.at_start, self.training = common.current_rss_mib(), True
-
-    def _run(self):
-        while self.running:
-            rss = common.current_rss_mib()
-            if self.training and rss > self.best[0]:
-                free = self.mallinfo().ford / MiB if self.mallinfo else float("nan")
-                self.best = (rss, free)
-            time.sleep(0.001)
-
-    def stop(self):
-        self.running = False
-        self.thread.join()
-
-    def result(self) -> dict:
-        return {"at_start": self.at_start, "sampled_peak": self.best[0], "free_at_peak": self.best[1]}
 
 
 def main() -> None:
