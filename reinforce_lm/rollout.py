@@ -5,6 +5,8 @@ Two backends behind one interface, `sampler.sample(model, prompts, group_ids, k,
 - `native` (default): a lean KV-cache loop. The prompt is prefilled once and its cache repeated K times
   (not K prefills), only the last position goes through the LM head, and the log-prob of each sampled
   token is kept (so no extra forward is needed for the KL-in-reward term or for old log-probs).
+  The per-token steps run through `decoder.LeanDecoder` for Llama-family models (`lean=True`), else
+  through the model's forward with its cache written in place (`decoder.preallocate`).
   With `seeded=True` the sampling noise of each completion is a hash of (seed, step, prompt, k, t, token):
   the samples do not depend on the batch layout, so a run is the same on 1 or N processes.
 - `hf`: `transformers`' `generate`, for models with exotic caches.
