@@ -278,6 +278,9 @@ class EvalConfig:
     top_p: float = _f(1.0, "Nucleus sampling threshold.")
     top_k: int = _f(0, "Top-k sampling (0 disables).")
     greedy: bool = _f(False, "Greedy decoding instead of sampling.")
+    lean_decode: bool = _f(
+        True, "Llama/Mistral/Qwen2/Qwen3: reinforce-lm's decode step; off: the model's forward."
+    )
     show: int = _f(5, "How many sample completions to print.")
     seed: int = _f(0, "Sampling seed.")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto.")

@@ -175,7 +175,13 @@ def evaluate(cfg, d):
     rewards.check(prompts.columns)
     model = freeze(load_causal_lm(cfg.model, cfg.dtype, d.device))
     sampler = Sampler(
-        tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_prompt_length
+        tokenizer,
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_p,
+        cfg.top_k,
+        cfg.max_prompt_length,
+        lean=cfg.lean_decode,
     )
     return evaluate_policy(model, sampler, rewards, prompts, cfg.seed, d, greedy=cfg.greedy)
 

@@ -105,3 +105,14 @@ def test_reference_defaults_to_the_sft_model(pipeline):
     common += ["--prompts", str(root / "data" / "prompts.jsonl"), "--max-new-tokens", "4", "--no-progress"]
     run_cli(["train", *common, "--output-dir", str(root / "rl-base-ref"), "--ref-model", str(root / "base")])
     assert read_metrics(root / "rl-base-ref" / "metrics.jsonl")[0]["kl"] > 1e-2
+
+
+def test_eval_with_and_without_the_lean_decode_step(pipeline):
+    """`eval --no-lean-decode` samples through the model's forward: the same completions and mean reward
+    as the lean step (a Llama model, so the lean step is the default)."""
+    root = pipeline["root"]
+    common = ["eval", "--model", str(root / "sft"), "--reward-model", pipeline["rm"], "--max-new-tokens", "8"]
+    common += ["--prompts", str(root / "data" / "eval_prompts.jsonl"), "--show", "3"]
+    lean, plain = run_cli(common), run_cli([*common, "--no-lean-decode"])
+    assert "mean reward over" in lean
+    assert lean == plain
