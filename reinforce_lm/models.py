@@ -99,11 +99,12 @@ def forward_kwargs(model, attention_mask: torch.Tensor, keep: int | None = None,
     """
     params = _forward_params(type(inner_model(model)))
     kw = {}
-    if not only_right_padding(attention_mask):
+    right_only, unpadded = _padding(attention_mask)
+    if not right_only:
         kw["attention_mask"] = attention_mask
         if "position_ids" in params:
             kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    elif not bool(attention_mask.all()):
+    elif not unpadded:
         _quiet_padding_warning()  # the mask is left out on purpose; see below
     if keep is not None and "logits_to_keep" in params:
         kw["logits_to_keep"] = keep
@@ -131,8 +132,15 @@ def takes_position_ids(model) -> bool:
 
 def only_right_padding(attention_mask: torch.Tensor) -> bool:
     """[B, L] mask -> True when every row is ones then zeros (no padding counts too)."""
+    return _padding(attention_mask)[0]
+
+
+def _padding(attention_mask: torch.Tensor) -> tuple[bool, bool]:
+    """(only right padding, no padding at all) of a [B, L] mask, read with one host transfer."""
     m = attention_mask.bool()
-    return bool((m[:, 0].all() & (m[:, 1:] <= m[:, :-1]).all()).item())
+    right_only = m[:, 0].all() & (m[:, 1:] <= m[:, :-1]).all()
+    right_only, unpadded = torch.stack([right_only, m.all()]).tolist()
+    return bool(right_only), bool(unpadded)
 
 
 CHUNK_ELEMENTS = 1 << 24  # logits upcast to float32 at once: 64 MiB

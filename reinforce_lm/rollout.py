@@ -154,6 +154,22 @@ class Sampler:
         # of steps: `sync_stop(local_done) -> bool` makes "all sequences finished" global (Dist.all_true).
         self.sync_stop = None
 
+    @classmethod
+    def from_config(cls, tokenizer, cfg) -> Sampler:
+        """The sampler a train or eval config describes (eval's has no backend, seeding or batch keys)."""
+        return cls(
+            tokenizer,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_p,
+            cfg.top_k,
+            cfg.max_prompt_length,
+            backend=getattr(cfg, "generation_backend", "native"),
+            seeded=getattr(cfg, "sampling", "seeded") == "seeded",
+            max_batch=getattr(cfg, "generation_batch_size", 0),
+            lean=cfg.lean_decode,
+        )
+
     def eos_ids(self, model) -> list[int]:
         ids = {self.tok.eos_token_id}
         gen = getattr(model, "generation_config", None)

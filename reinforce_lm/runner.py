@@ -174,15 +174,7 @@ def evaluate(cfg, d):
     rewards = build_rewards(cfg.reward, cfg.reward_model, cfg.reward_weights or None, device=str(d.device))
     rewards.check(prompts.columns)
     model = freeze(load_causal_lm(cfg.model, cfg.dtype, d.device))
-    sampler = Sampler(
-        tokenizer,
-        cfg.max_new_tokens,
-        cfg.temperature,
-        cfg.top_p,
-        cfg.top_k,
-        cfg.max_prompt_length,
-        lean=cfg.lean_decode,
-    )
+    sampler = Sampler.from_config(tokenizer, cfg)
     return evaluate_policy(model, sampler, rewards, prompts, cfg.seed, d, greedy=cfg.greedy)
 
 

@@ -64,18 +64,7 @@ class ReinforceStage:
         self.cfg, self.policy, self.tokenizer, self.reference = cfg, policy, tokenizer, reference
         self.rewards, self.prompts, self.d, self.eval_prompts = rewards, prompts, d, eval_prompts
         self.updates_per_batch, self.minibatches = cfg.updates_per_batch, cfg.minibatches
-        self.sampler = Sampler(
-            tokenizer,
-            cfg.max_new_tokens,
-            cfg.temperature,
-            cfg.top_p,
-            cfg.top_k,
-            cfg.max_prompt_length,
-            backend=cfg.generation_backend,
-            seeded=cfg.sampling == "seeded",
-            max_batch=cfg.generation_batch_size,
-            lean=cfg.lean_decode,
-        )
+        self.sampler = Sampler.from_config(tokenizer, cfg)
         self.running_mean = A.RunningMean(cfg.running_mean_decay)
         self.off_policy = cfg.updates_per_batch > 1 or cfg.minibatches > 1
 
