@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from functools import cache
 from pathlib import Path
 
@@ -190,17 +191,6 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
-def response_logits(model, input_ids, attention_mask, n_response: int, temperature: float = 1.0):
-    """Logits that predict the last `n_response` tokens of `input_ids`: [B, n_response, V].
-
-    Only those positions go through the LM head (`logits_to_keep`), a large saving when the vocabulary
-    is big and prompts are long.
-    """
-    out = model(input_ids=input_ids, **forward_kwargs(model, attention_mask, keep=n_response + 1))
-    logits = out.logits[:, -(n_response + 1) : -1]  # [B, T, V]
-    return logits / temperature if temperature != 1.0 else logits
-
-
 def token_logprobs(
     model, input_ids, attention_mask, n_response: int, temperature: float = 1.0, entropy=False
 ):
@@ -208,12 +198,120 @@ def token_logprobs(
 
     input_ids/attention_mask [B, L] = left-padded prompt + right-padded response. With `entropy`, also
     returns the per-token entropy [B, T] (no gradient), for metrics.
+
+    Where the model's logits are exactly its LM head's output (checked once per model, see
+    `_plain_head`), the head runs here instead, on the hidden states it would have received, in chunks
+    (`head_logprobs`): no `[B, T, V]` logits tensor exists at once. Otherwise the model's logits are used.
     """
-    logits = response_logits(model, input_ids, attention_mask, n_response, temperature)
-    logp = selective_log_softmax(logits, input_ids[:, -n_response:])
+    tokens = input_ids[:, -n_response:]
+    head = _plain_head(model, input_ids[:1], attention_mask[:1])
+    taken: dict = {}
+
+    def take(module, args):  # forward pre-hook on the head: score here, let the head see one position
+        h = args[0]
+        if taken or h.dim() != 3 or h.shape[0] != input_ids.shape[0] or h.shape[1] < n_response + 1:
+            return None  # a call from inside head_logprobs, or an input not shaped [B, L, H]
+        taken["busy"] = True
+        taken["out"] = head_logprobs(module, h[:, -(n_response + 1) : -1], tokens, temperature, entropy)
+        return (h[:, -1:], *args[1:])
+
+    handle = head.register_forward_pre_hook(take) if head is not None else None
+    try:
+        out = model(input_ids=input_ids, **forward_kwargs(model, attention_mask, keep=n_response + 1))
+    finally:
+        if handle is not None:
+            handle.remove()
+    if "out" in taken:
+        return taken["out"]
+    logits = out.logits[:, -(n_response + 1) : -1]  # [B, T, V]
+    logits = logits / temperature if temperature != 1.0 else logits
+    logp = selective_log_softmax(logits, tokens)
     if entropy:
         return logp, entropy_from_logits(logits.detach())
     return logp
+
+
+def head_logprobs(head, hidden, tokens, temperature: float = 1.0, entropy=False):
+    """log softmax(head(hidden) / temperature)[tokens], without all of `[B, T, V]` at once.
+
+    hidden [B, T, H] (what the LM head sees at the positions that predict `tokens`), tokens [B, T] ->
+    log-probs [B, T] float32 (and entropy [B, T], no gradient). Up to CHUNK_ELEMENTS logits go in one
+    piece, exactly as a model forward would compute them. Beyond that the head runs on CHUNK_ELEMENTS
+    logits' worth of tokens at a time, and with a gradient each chunk is recomputed in the backward pass
+    (one more head matmul) instead of kept: with a 152k vocabulary, 8 x 1024 tokens of bf16 logits and
+    their gradient are 5 GB; chunked they are ~0.1 GB.
+    """
+    B, T, H = hidden.shape
+    vocab = getattr(head, "out_features", None) or getattr(head, "weight", torch.empty(1, 1)).shape[0]
+    per_chunk = max(1, CHUNK_ELEMENTS // vocab)
+    if B * T <= per_chunk:  # one piece: the logits are small
+        logits = head(hidden)
+        logits = logits / temperature if temperature != 1.0 else logits
+        logp = selective_log_softmax(logits, tokens)
+        return (logp, entropy_from_logits(logits.detach())) if entropy else logp
+
+    grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in head.parameters())
+    )
+    forward_done = False  # later calls of `chunk` are the backward's recomputations: no entropy there
+
+    def chunk(h, tk):  # [n, H], [n] -> [n], [n]
+        lg = head(h).float()
+        lg = lg / temperature if temperature != 1.0 else lg
+        lse = torch.logsumexp(lg, -1)  # [n]
+        ent = None
+        if entropy and not forward_done:
+            with torch.no_grad():  # entropy = logsumexp - sum p * logits, with one [n, V] temporary
+                ent = lse - (lg - lse[:, None]).exp_().mul_(lg).sum(-1)
+        return lg.gather(-1, tk[:, None]).squeeze(-1) - lse, ent
+
+    pieces = []
+    flat_h, flat_tk = hidden.reshape(B * T, H), tokens.reshape(B * T)  # [B*T, H], [B*T]
+    for h, tk in zip(flat_h.split(per_chunk), flat_tk.split(per_chunk), strict=True):
+        if grad:
+            pieces.append(torch.utils.checkpoint.checkpoint(chunk, h, tk, use_reentrant=False))
+        else:
+            pieces.append(chunk(h, tk))
+    forward_done = True
+    logp = torch.cat([p[0] for p in pieces]).view(B, T)
+    return (logp, torch.cat([p[1] for p in pieces]).view(B, T)) if entropy else logp
+
+
+_HEAD_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plain_head(model, input_ids, attention_mask):
+    """The model's output-embedding module if its logits are exactly that module's output, else None.
+
+    Checked once per model, on one row, by comparing the logits a forward returns with what the head
+    returned inside it: a model that rescales or soft-caps its logits (Gemma 2's `final_logit_softcapping`,
+    Cohere's `logit_scale`, Granite's `logits_scaling`, ...), calls its head more than once, or has none
+    keeps its own logits. FSDP-sharded heads (DTensor weights, gathered only inside the forward) too.
+    """
+    inner = inner_model(model)
+    get = getattr(inner, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, torch.nn.Module):
+        return None
+    if any(type(p).__name__ == "DTensor" for p in head.parameters()):
+        return None
+    if inner not in _HEAD_CHECKED:
+        seen = []
+        handle = head.register_forward_hook(lambda mod, args, out: seen.append(out))
+        try:
+            with torch.no_grad():
+                out = inner(input_ids=input_ids, **forward_kwargs(inner, attention_mask, keep=1))
+        finally:
+            handle.remove()
+        logits = getattr(out, "logits", None)
+        _HEAD_CHECKED[inner] = (
+            len(seen) == 1
+            and isinstance(seen[0], torch.Tensor)
+            and isinstance(logits, torch.Tensor)
+            and seen[0].shape == logits.shape
+            and torch.equal(seen[0].to(logits.dtype), logits)
+        )
+    return head if _HEAD_CHECKED[inner] else None
 
 
 def in_chunks(fn, input_ids, attention_mask, rows: int) -> torch.Tensor:

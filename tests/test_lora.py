@@ -98,3 +98,26 @@ def test_lora_run_trains_only_adapters_and_saves_a_loadable_merged_model(tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, trained(input_ids=ids).logits, rtol=0, atol=1e-4)
     assert max((merged.state_dict()[k] - v).abs().max().item() for k, v in start.items()) > 1e-4
+
+
+def test_chunked_head_with_an_adapter_on_the_head(monkeypatch, llama_dir, tokenizer):
+    """LoRA on the LM head too: the chunked head runs inside the forward, so the reference (adapter
+    disabled) scores with the base head and the policy with its adapted head, as the model's logits do."""
+    from reinforce_lm import models
+
+    base = load_causal_lm(str(llama_dir))
+    policy = apply_lora(load_causal_lm(str(llama_dir)), 4, 16.0, 0.0, "q_proj,v_proj,lm_head")
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ids, attn, T = padded_batch(tokenizer)
+    ref = RefViaDisabledAdapter(policy)
+    with torch.inference_mode():
+        whole = [token_logprobs(m, ids, attn, T) for m in (ref, base, policy)]
+        monkeypatch.setattr(models, "CHUNK_ELEMENTS", 2 * base.config.vocab_size)  # 2 tokens per chunk
+        chunked = [token_logprobs(m, ids, attn, T) for m in (ref, base, policy)]
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked[0], chunked[1], rtol=0, atol=1e-5)
+    assert (chunked[2] - chunked[1]).abs().max() > 1e-2

@@ -126,3 +126,92 @@ def test_half_precision_logits_keep_no_float32_copy_for_backward(dtype):
     (grad_got,) = torch.autograd.grad((got * w).sum(), logits)
     (grad_want,) = torch.autograd.grad((want * w).sum(), logits)
     assert torch.allclose(grad_got.float(), grad_want.float(), atol=1e-2)
+
+
+def _model_logprobs(model, ids, mask, n):
+    """The reference computation: the model's own full logits, log-softmax in float32."""
+    logits = model(input_ids=ids, **models.forward_kwargs(model, mask)).logits[:, -(n + 1) : -1].float()
+    return logits.log_softmax(-1).gather(-1, ids[:, -n:, None]).squeeze(-1), logits
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_head_gives_the_models_logprobs_gradients_and_entropy(
+    monkeypatch, arch, temperature, tokenizer
+):
+    """With logits over CHUNK_ELEMENTS, token_logprobs runs the LM head itself in chunks of tokens (no
+    [B, T, V] tensor, each chunk recomputed in backward): the same log-probs, entropy and parameter
+    gradients as the model's own logits."""
+    from reinforce_lm import toy
+
+    model = models.disable_dropout(toy.make_model(arch, tokenizer)).train()  # GPT-2 has dropout
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded prompt
+    n = 6
+    weights = torch.randn(3, n, generator=g)
+
+    want, logits = _model_logprobs(model, ids, mask, n)
+    want = (
+        want * 1.0
+        if temperature == 1.0
+        else (logits / temperature).log_softmax(-1).gather(-1, ids[:, -n:, None]).squeeze(-1)
+    )
+    p = (logits / temperature).softmax(-1)
+    want_entropy = -(p * p.log()).sum(-1)
+    want_grads = torch.autograd.grad((want * weights).sum(), list(model.parameters()), allow_unused=True)
+
+    head_inputs = []
+    head = model.get_output_embeddings()
+    assert models._plain_head(model, ids[:1], mask[:1]) is head  # checked once per model, up front here
+    handle = head.register_forward_hook(lambda m, a, o: head_inputs.append(a[0].shape[:-1].numel()))
+    monkeypatch.setattr(models, "CHUNK_ELEMENTS", 4 * V)  # 4 tokens' logits per chunk: 18 tokens -> 5
+    got, entropy = models.token_logprobs(model, ids, mask, n, temperature, entropy=True)
+    got_grads = torch.autograd.grad((got * weights).sum(), list(model.parameters()), allow_unused=True)
+    handle.remove()
+
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, want_entropy, atol=1e-5, rtol=1e-5)
+    assert not entropy.requires_grad
+    for a, b in zip(got_grads, want_grads, strict=True):
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # The head never saw more than 4 tokens at once except the single position it is left to compute:
+    # the 5 chunks forward, the 5 recomputed in backward and one 3 x 1 call inside the model's forward.
+    assert max(head_inputs) <= 4 and len(head_inputs) == 11
+
+
+def test_chunked_head_without_gradient_needs_no_recompute(monkeypatch, tokenizer):
+    from reinforce_lm import toy
+
+    model = toy.make_model("llama", tokenizer).eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 8))
+    mask = torch.ones_like(ids)
+    want, _ = _model_logprobs(model, ids, mask, 5)
+    monkeypatch.setattr(models, "CHUNK_ELEMENTS", 3 * model.config.vocab_size)
+    with torch.inference_mode():
+        got = models.token_logprobs(model, ids, mask, 5)
+    torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_models_that_reshape_their_logits_keep_their_own_logits(monkeypatch, tokenizer):
+    """Gemma 2 soft-caps its logits after the head: the check finds that the logits are not the head's
+    output, and token_logprobs uses the model's logits (with the cap), not the head's."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    config = Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, config.vocab_size, (2, 7))
+    mask = torch.ones_like(ids)
+    monkeypatch.setattr(models, "CHUNK_ELEMENTS", 2 * config.vocab_size)
+    assert models._plain_head(model, ids[:1], mask[:1]) is None
+    want, _ = _model_logprobs(model, ids, mask, 4)
+    got = models.token_logprobs(model, ids, mask, 4)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
