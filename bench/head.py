@@ -99,7 +99,7 @@ def main() -> None:
             results[variant, name] = json.loads(line[-1][7:])
     logits_mib = args.batch * args.tokens * args.vocab * 4 / MiB
     print(
-        f"Command: `python bench/head.py {' '.join(sys.argv[1:])}`  \n"
+        f"Command: `{' '.join(['python bench/head.py', *sys.argv[1:]])}`  \n"
         f"V = {args.vocab}, {args.batch} x {args.tokens} response tokens (+{args.prompt} prompt), hidden "
         f"{args.hidden}, 2 layers, fp32, {args.threads} torch thread(s); the float32 logits of the batch "
         f"are {logits_mib:.0f} MiB.\n"
