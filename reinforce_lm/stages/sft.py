@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from reinforce_lm import distributed
 from reinforce_lm.cli import register
@@ -20,7 +19,7 @@ from reinforce_lm.config import EngineConfig, _f, _positive
 from reinforce_lm.data import IGNORE_INDEX, collate_sft, load_sft, pack_sft, split_eval, step_indices
 from reinforce_lm.distributed import Dist, rank_chunks, unwrap
 from reinforce_lm.errors import ConfigError
-from reinforce_lm.models import forward_kwargs
+from reinforce_lm.models import token_logprobs
 
 
 @dataclass
@@ -58,15 +57,13 @@ def shifted_mask(labels: torch.Tensor) -> torch.Tensor:
 
 def sum_nll(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of the labelled next tokens and their count (scalars). Padding columns of
-    this micro-batch are dropped first; logits are upcast to float32 once."""
+    this micro-batch are dropped first; the log-probs come from `token_logprobs` (float32, chunked
+    through the LM head for large vocabularies: no [B, L, V] logits)."""
     width = max(2, int(attention_mask.sum(1).max().item()))
     input_ids, attention_mask, labels = input_ids[:, :width], attention_mask[:, :width], labels[:, :width]
-    logits = model(input_ids=input_ids, **forward_kwargs(model, attention_mask)).logits[:, :-1]  # [B, L-1, V]
-    target = labels[:, 1:]  # [B, L-1]
-    nll = F.cross_entropy(
-        logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return nll, (target != IGNORE_INDEX).sum()
+    logp = token_logprobs(model, input_ids, attention_mask, width - 1)  # [B, L-1] of tokens 1..L-1
+    labelled = labels[:, 1:] != IGNORE_INDEX  # [B, L-1]; a label is its input token or IGNORE_INDEX
+    return -logp.masked_fill(~labelled, 0.0).sum(), labelled.sum()
 
 
 class SFTStage:
