@@ -289,8 +289,10 @@ def _plain_head(model, input_ids, attention_mask):
     keeps its own logits. FSDP-sharded heads (DTensor weights, gathered only inside the forward) too.
     """
     inner = inner_model(model)
-    get = getattr(inner, "get_output_embeddings", None)
-    head = get() if callable(get) else None
+    try:  # some remote-code models raise NotImplementedError here
+        head = inner.get_output_embeddings()
+    except Exception:
+        head = None
     if not isinstance(head, torch.nn.Module):
         return None
     if any(type(p).__name__ == "DTensor" for p in head.parameters()):
@@ -301,6 +303,8 @@ def _plain_head(model, input_ids, attention_mask):
         try:
             with torch.no_grad():
                 out = inner(input_ids=input_ids, **forward_kwargs(inner, attention_mask, keep=1))
+        except Exception:  # not scored through the head; the model's own forward comes next and speaks
+            out = None
         finally:
             handle.remove()
         logits = getattr(out, "logits", None)

@@ -215,3 +215,26 @@ def test_models_that_reshape_their_logits_keep_their_own_logits(monkeypatch, tok
     want, _ = _model_logprobs(model, ids, mask, 4)
     got = models.token_logprobs(model, ids, mask, 4)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_without_a_usable_head_is_scored_from_its_logits(monkeypatch, tokenizer):
+    """get_output_embeddings raising (as some remote-code models do) or a head the forward never calls:
+    no chunked head, the model's own logits, the same log-probs."""
+    from reinforce_lm import toy
+
+    class NoHead(type(toy.make_model("llama", tokenizer))):
+        def get_output_embeddings(self):
+            raise NotImplementedError
+
+    class UnusedHead(type(toy.make_model("llama", tokenizer))):
+        def get_output_embeddings(self):
+            return torch.nn.Linear(4, 4)  # not the module the forward calls
+
+    monkeypatch.setattr(models, "CHUNK_ELEMENTS", 8)
+    for cls in (NoHead, UnusedHead):
+        model = cls(toy.make_model("llama", tokenizer).config).eval()
+        ids = torch.randint(3, model.config.vocab_size, (2, 6))
+        mask = torch.ones_like(ids)
+        assert models._plain_head(model, ids[:1], mask[:1]) is None
+        want, _ = _model_logprobs(model, ids, mask, 3)
+        torch.testing.assert_close(models.token_logprobs(model, ids, mask, 3), want, atol=1e-5, rtol=1e-5)
