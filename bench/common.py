@@ -6,6 +6,9 @@ in a cache under the temp dir, so every trainer loads them with `from_pretrained
 - `tiny`: the toy model of `reinforce_lm.toy` (hidden 32, 2 layers) over its character vocabulary.
 - `medium`: ~36M parameters (hidden 512, 6 layers, untied head) over a 16,384-token byte-level BPE
   vocabulary trained here with `tokenizers` on generated text.
+- `bigvocab`: ~39M parameters, almost all of them in the embeddings and the untied head: hidden 128, 2
+  layers, over a 151,936-token vocabulary (Qwen2's size) of generated pseudo-words, one token each.
+  Here the `[B, T, V]` logits, not the layers, set the memory.
 
 Fixed completion length, the same way for every trainer: the tokenizer's EOS token has the id V, one past
 the model's output vocabulary (`vocab_size = V`), and the model config has no EOS of its own. EOS is a
@@ -15,6 +18,7 @@ real token that both trainers stop on, but no model can ever sample it, so every
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -25,7 +29,7 @@ import time
 from pathlib import Path
 
 CACHE = Path(os.environ.get("REINFORCE_LM_BENCH_CACHE", Path(tempfile.gettempdir()) / "reinforce_lm_bench"))
-MODELS = ("tiny", "medium")
+MODELS = ("tiny", "medium", "bigvocab")
 
 
 def reward(prompts, completions, **_) -> list[float]:
@@ -150,6 +154,26 @@ def _tiny_tokenizer():
     return hf
 
 
+def _word_tokenizer(n_words: int):
+    """A word-level tokenizer of `n_words` distinct pseudo-words (syllable strings) plus <pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]  # consonant + vowel: unambiguous
+
+    def word(i: int) -> str:  # bijective base-70 digits as syllables: distinct words for distinct i
+        out = syllables[i % len(syllables)]
+        while i >= len(syllables):
+            i = i // len(syllables) - 1
+            out = syllables[i % len(syllables)] + out
+        return out
+
+    vocab = {"<pad>": 0, **{word(i): i + 1 for i in range(n_words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return _wrap(tok, "<eos>")
+
+
 def _bpe_tokenizer(vocab_size: int, corpus: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -191,7 +215,7 @@ def _llama(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, inte
 
 
 def build(name: str) -> Path:
-    """Directory of model `name` (tiny or medium) with its tokenizer and prompts.jsonl; built once, cached."""
+    """Directory of model `name` (see MODELS) with its tokenizer and prompts.jsonl; built once, cached."""
     path = CACHE / name
     if (path / "prompts.jsonl").exists():
         return path
@@ -207,6 +231,13 @@ def build(name: str) -> Path:
         tok = _bpe_tokenizer(16_384, corpus)
         model = _llama(len(tok) - 1, 512, 6, 8, 8, 1376, tied=False)
         prompts = _fixed_length_prompts(tok, corpus, 16, 4096)
+    elif name == "bigvocab":
+        tok = _word_tokenizer(151_935)  # + <pad> = 151,936 ids for the model, <eos> one past them
+        model = _llama(len(tok) - 1, 128, 2, 4, 2, 256, tied=False)
+        rng = random.Random(0)
+        words = [w for w, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]) if 0 < i < len(tok) - 1]
+        cum = list(itertools.accumulate(1.0 / (i + 1) for i in range(len(words))))  # Zipf
+        prompts = [" ".join(rng.choices(words, cum_weights=cum, k=16)) for _ in range(4096)]
     else:
         raise ValueError(f"unknown bench model {name!r}; choose from {MODELS}")
     model.save_pretrained(tmp)

@@ -221,6 +221,7 @@ def run_job(job: dict, verbose: bool) -> dict:
 SIZES = {  # P prompts, K samples, T tokens, micro-batch, steps
     "tiny": dict(p=8, k=8, t=64, micro=16, steps=8),
     "medium": dict(p=4, k=4, t=32, micro=8, steps=4),
+    "bigvocab": dict(p=4, k=4, t=32, micro=8, steps=4),
 }
 
 
@@ -230,12 +231,12 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(common.MODELS), choices=common.MODELS)
     ap.add_argument("--pairs", nargs="+", default=["grpo", "rloo"], choices=list(PAIRS))
     ap.add_argument("--betas", nargs="+", type=float, default=[0.0])
-    ap.add_argument("--steps", type=int, help="steps per run (default per model: tiny 8, medium 4)")
+    ap.add_argument("--steps", type=int, help="steps per run (default per model: tiny 8, others 4)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed first steps")
-    ap.add_argument("--prompts-per-step", type=int, help="P (default: tiny 8, medium 4)")
-    ap.add_argument("--k", type=int, help="K samples per prompt (default: tiny 8, medium 4)")
-    ap.add_argument("--max-new-tokens", type=int, help="T (default: tiny 64, medium 32)")
-    ap.add_argument("--micro-batch", type=int, help="sequences per forward/backward (tiny 16, medium 8)")
+    ap.add_argument("--prompts-per-step", type=int, help="P (default: tiny 8, others 4)")
+    ap.add_argument("--k", type=int, help="K samples per prompt (default: tiny 8, others 4)")
+    ap.add_argument("--max-new-tokens", type=int, help="T (default: tiny 64, others 32)")
+    ap.add_argument("--micro-batch", type=int, help="sequences per forward/backward (tiny 16, others 8)")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument(
         "--threads",

@@ -145,6 +145,10 @@ def _padding(attention_mask: torch.Tensor) -> tuple[bool, bool]:
 
 
 CHUNK_ELEMENTS = 1 << 24  # logits upcast to float32 at once: 64 MiB
+# The LM head runs in chunks only for logits of at least this many chunks (256 MiB of float32). Below
+# that, the recomputation and the per-chunk weight gradients cost more than they save: on CPU a training
+# step over 8 x 32 tokens of a 152k vocabulary (148 MiB of logits) was slower and peaked higher chunked.
+HEAD_CHUNKS_MIN = 4
 
 
 def _rows(logits: torch.Tensor, elements: int = CHUNK_ELEMENTS) -> int:
@@ -235,16 +239,16 @@ def head_logprobs(head, hidden, tokens, temperature: float = 1.0, entropy=False)
     """log softmax(head(hidden) / temperature)[tokens], without all of `[B, T, V]` at once.
 
     hidden [B, T, H] (what the LM head sees at the positions that predict `tokens`), tokens [B, T] ->
-    log-probs [B, T] float32 (and entropy [B, T], no gradient). Up to CHUNK_ELEMENTS logits go in one
-    piece, exactly as a model forward would compute them. Beyond that the head runs on CHUNK_ELEMENTS
-    logits' worth of tokens at a time, and with a gradient each chunk is recomputed in the backward pass
-    (one more head matmul) instead of kept: with a 152k vocabulary, 8 x 1024 tokens of bf16 logits and
-    their gradient are 5 GB; chunked they are ~0.1 GB.
+    log-probs [B, T] float32 (and entropy [B, T], no gradient). Below HEAD_CHUNKS_MIN x CHUNK_ELEMENTS
+    logits the head runs in one piece, exactly as a model forward would. Beyond that it runs on
+    CHUNK_ELEMENTS logits' worth of tokens at a time, and with a gradient each chunk is recomputed in the
+    backward pass (one more head matmul) instead of kept: with a 152k vocabulary, 8 x 1024 tokens of
+    bf16 logits and their gradient are 5 GB; chunked they are ~0.1 GB.
     """
     B, T, H = hidden.shape
     vocab = getattr(head, "out_features", None) or getattr(head, "weight", torch.empty(1, 1)).shape[0]
     per_chunk = max(1, CHUNK_ELEMENTS // vocab)
-    if B * T <= per_chunk:  # one piece: the logits are small
+    if B * T * vocab < HEAD_CHUNKS_MIN * CHUNK_ELEMENTS:  # one piece: the logits are small
         logits = head(hidden)
         logits = logits / temperature if temperature != 1.0 else logits
         logp = selective_log_softmax(logits, tokens)

@@ -139,9 +139,9 @@ def _model_logprobs(model, ids, mask, n):
 def test_chunked_head_gives_the_models_logprobs_gradients_and_entropy(
     monkeypatch, arch, temperature, tokenizer
 ):
-    """With logits over CHUNK_ELEMENTS, token_logprobs runs the LM head itself in chunks of tokens (no
-    [B, T, V] tensor, each chunk recomputed in backward): the same log-probs, entropy and parameter
-    gradients as the model's own logits."""
+    """With logits of HEAD_CHUNKS_MIN chunks or more, token_logprobs runs the LM head itself in chunks of
+    tokens (no [B, T, V] tensor, each chunk recomputed in backward): the same log-probs, entropy and
+    parameter gradients as the model's own logits."""
     from reinforce_lm import toy
 
     model = models.disable_dropout(toy.make_model(arch, tokenizer)).train()  # GPT-2 has dropout
@@ -183,17 +183,27 @@ def test_chunked_head_gives_the_models_logprobs_gradients_and_entropy(
     assert max(head_inputs) <= 4 and len(head_inputs) == 11
 
 
-def test_chunked_head_without_gradient_needs_no_recompute(monkeypatch, tokenizer):
+@pytest.mark.parametrize("per_chunk,chunks", [(2, [2, 2, 2, 2, 2]), (3, [10])])
+def test_chunked_head_without_gradient_and_the_one_piece_threshold(monkeypatch, tokenizer, per_chunk, chunks):
+    """No gradient: chunks, no recomputation. Logits of fewer than HEAD_CHUNKS_MIN chunks (10 tokens at
+    3 per chunk: 3.3 chunks) go through the head in one piece."""
     from reinforce_lm import toy
 
     model = toy.make_model("llama", tokenizer).eval()
     ids = torch.randint(3, model.config.vocab_size, (2, 8))
     mask = torch.ones_like(ids)
     want, _ = _model_logprobs(model, ids, mask, 5)
-    monkeypatch.setattr(models, "CHUNK_ELEMENTS", 3 * model.config.vocab_size)
+    monkeypatch.setattr(models, "CHUNK_ELEMENTS", per_chunk * model.config.vocab_size)
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda m, a, o: seen.append(a[0].shape[:-1].numel())
+    )
     with torch.inference_mode():
         got = models.token_logprobs(model, ids, mask, 5)
+    handle.remove()
     torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
+    # + the once-per-model check (one position of one row) and the model's own call (one per row)
+    assert seen == [1, *chunks, 2]
 
 
 def test_models_that_reshape_their_logits_keep_their_own_logits(monkeypatch, tokenizer):
