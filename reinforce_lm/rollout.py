@@ -7,7 +7,7 @@ Two backends behind one interface, `sampler.sample(model, prompts, group_ids, k,
   token is kept (so no extra forward is needed for the KL-in-reward term or for old log-probs).
   The per-token steps run through `decoder.LeanDecoder` for Llama-family models (`lean=True`), else
   through the model's forward with its cache written in place (`decoder.preallocate`).
-  With `seeded=True` the sampling noise of each completion is a hash of (seed, step, prompt, k, t, token):
+  With `seeded=True` each token is drawn with a uniform that is a hash of (seed, step, prompt, k, t):
   the samples do not depend on the batch layout, so a run is the same on 1 or N processes.
 - `hf`: `transformers`' `generate`, for models with exotic caches.
 """
@@ -72,21 +72,25 @@ def row_seeds(seed: int, step: int, group_ids: torch.Tensor, k: int) -> torch.Te
     return _mix(_mix(base + g * _GOLD) + j)
 
 
-def _uniform_block(seeds: torch.Tensor, t: int, n: int, vocab: int) -> torch.Tensor:
-    """Counter-based uniforms in (0, 1) for positions t..t+n-1: [B] seeds -> [B, n, V] float32."""
+def _uniforms(seeds: torch.Tensor, t: int, n: int) -> torch.Tensor:
+    """Counter-based uniforms in (0, 1), one per completion and position t..t+n-1: [B] seeds -> [B, n]
+    float64 (53 random bits each)."""
     steps = torch.arange(t, t + n, dtype=torch.long, device=seeds.device) * _GOLD  # [n]
-    x = _mix(seeds.unsqueeze(1) + steps).unsqueeze(2) + torch.arange(vocab, device=seeds.device) * _GOLD
-    x = (_mix(x) >> 40) & ((1 << 24) - 1)  # 24 random bits
-    return (x.float() + 0.5) / float(1 << 24)
+    x = (_mix(_mix(seeds.unsqueeze(1) + steps)) >> 11) & ((1 << 53) - 1)  # [B, n]
+    return (x.double() + 0.5) / float(1 << 53)
 
 
-def _gumbel_block(seeds: torch.Tensor, t: int, total: int, vocab: int) -> torch.Tensor:
-    """Gumbel noise -log(-log(u)) for as many positions from t as fit in ~2^20 elements: [B, n, V].
+def _draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row from softmax(logits) by inverse transform sampling: [n, V], [n] -> [n] long.
 
-    Drawing a block at once saves ~20 small ops per token (the sampler's overhead on small models).
+    Token i is drawn when u falls in its slice of the cumulative distribution (accumulated in float64),
+    so a row needs one uniform, not one per vocabulary entry as Gumbel-max does: on a 152k vocabulary
+    the per-token noise was ~20 int64 passes over [n, V], most of a small model's sampling time.
+    Tokens with probability 0 (filtered to -inf) are never drawn: their slice is empty.
     """
-    n = max(1, min(total - t, (1 << 20) // max(1, seeds.shape[0] * vocab)))
-    return -torch.log(-torch.log(_uniform_block(seeds, t, n, vocab)))
+    cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)  # [n, V]
+    v = (u * cdf[:, -1]).unsqueeze(1)  # [n, 1], strictly below the total
+    return torch.searchsorted(cdf, v, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -276,7 +280,7 @@ class Sampler:
         seeds = row_seed.to(dev) if self.seeded and row_seed is not None and not greedy else None
         tokens = torch.full((B, T), self.pad_id, dtype=torch.long, device=dev)  # [B, T]
         logps = torch.zeros(B, T, device=dev)  # [B, T]
-        noise, t_noise = None, 0  # a block of Gumbel noise [n, steps, V] for positions t_noise...
+        u = _uniforms(seeds, 0, T) if seeds is not None else None  # [B, T], one per token drawn
         rows = None  # indices (into B) of the rows still decoded; None: all of them
         done = torch.zeros(B, dtype=torch.bool, device=dev)  # [n] over the decoded rows
         n_done = 0
@@ -296,10 +300,8 @@ class Sampler:
                 tok = scaled.argmax(-1)
             else:
                 filtered = filter_logits(scaled, self.top_k, self.top_p)
-                if seeds is not None:
-                    if noise is None or t - t_noise >= noise.shape[1]:
-                        noise, t_noise = _gumbel_block(seeds, t, T, filtered.shape[-1]), t
-                    tok = (filtered + noise[:, t - t_noise]).argmax(-1)  # Gumbel-max
+                if u is not None:
+                    tok = _draw(filtered, u[:, t])
                 else:
                     tok = torch.multinomial(filtered.softmax(-1), 1).squeeze(1)
             if rows is not None or n_done:  # finished rows still decoded emit padding
@@ -326,9 +328,8 @@ class Sampler:
                 (lean.select if lean is not None else cache.batch_select_indices)(keep)
                 rows = keep if rows is None else rows[keep]
                 tok, pos, amask, done, n_done = tok[keep], pos[keep], amask[keep], done[keep], 0
-                if seeds is not None:
-                    seeds = seeds[keep]
-                    noise = noise[keep] if noise is not None else None
+                if u is not None:
+                    u = u[keep]
             pos = pos + 1
             if lean is not None:
                 logits = lean.step(tok, pos, amask[:, : Lp + t + 1] if padded else None)

@@ -23,7 +23,10 @@ from reinforce_lm.models import load_tokenizer
 from reinforce_lm.rollout import Sampler, row_seeds
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
-TOL = 1e-5  # float32 sums in another order; measured ~4e-7
+# float32 sums in another order, after Adam: m / sqrt(v) turns float-level gradient differences of
+# elements with near-zero gradients into larger ones. Measured 4e-7 to 4e-5 (depending on the samples)
+# on parameters that each step moves by up to lr = 1e-2; the rewards and token counts match exactly.
+TOL = 1e-4
 
 
 @pytest.fixture(scope="module")

@@ -62,13 +62,17 @@ def test_lora_run_trains_only_adapters_and_saves_a_loadable_merged_model(tmp_pat
 
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl(prompts, toy.letter_prompts(8))
+    # a dense score (the letter reward of an untrained model is often 0 for every sample: no update)
+    (tmp_path / "dense.py").write_text(
+        "def score(prompts, completions, **_):\n    return [sum(map(ord, c)) % 7 / 7 for c in completions]\n"
+    )
     out = tmp_path / "out"
     cli.main(
         [
             "train",
             f"--model={llama_dir}",
             f"--prompts={prompts}",
-            "--reward=reinforce_lm.toy:letter_reward",
+            f"--reward={tmp_path / 'dense.py'}:score",
             f"--output-dir={out}",
             "--steps=2",
             "--prompts-per-step=2",

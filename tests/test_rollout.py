@@ -82,19 +82,27 @@ def test_filter_logits_top_k_and_top_p():
     assert not torch.isinf(filter_logits(logits, top_p=1.0)).any()
 
 
-def test_seeded_gumbel_draws_follow_the_softmax():
+def test_seeded_draws_follow_the_softmax():
     """Many completions of one prompt with a fixed next-token distribution: the first-token frequencies
-    match softmax(logits / temperature)."""
+    match softmax(logits / temperature); tokens filtered to -inf are never drawn."""
     tok = toy.make_tokenizer()
     vocab = len(tok)
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 1.5
     from reinforce_lm import rollout
 
     seeds = row_seeds(0, 0, torch.arange(20000), 1)
-    draws = (logits.unsqueeze(0) + rollout._gumbel_block(seeds, 0, 1, vocab)[:, 0]).argmax(-1)
+    u = rollout._uniforms(seeds, 0, 1)[:, 0]
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+    draws = rollout._draw(logits.expand(len(seeds), vocab), u)
     freq = torch.bincount(draws, minlength=vocab).double() / len(draws)
     expected = logits.double().softmax(-1)
     assert (freq - expected).abs().max() < 0.015
+    top = filter_logits(logits.expand(len(seeds), vocab), top_k=3)
+    kept = set(logits.topk(3).indices.tolist())
+    assert set(rollout._draw(top, u).tolist()) == kept
+    last = torch.full((2, vocab), float("-inf"))
+    last[:, -1] = 0.0  # all mass on the last token; u close to 1 must not run past it
+    assert rollout._draw(last, torch.tensor([1e-9, 1 - 1e-9])).tolist() == [vocab - 1, vocab - 1]
 
 
 def _config(name: str, tok):
