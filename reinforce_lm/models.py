@@ -156,30 +156,49 @@ def _rows(logits: torch.Tensor, elements: int = CHUNK_ELEMENTS) -> int:
     return max(1, elements // max(1, logits.shape[1] * logits.shape[2]))
 
 
-def _chosen_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """[b, T, V] any dtype, [b, T] -> [b, T] float32 log-probs of `tokens`, computed in float32."""
-    lg = logits.float()
-    return lg.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1)
+class _ChosenLogp(torch.autograd.Function):
+    """log softmax(logits)[tokens] in float32, `rows` rows of logits at a time.
+
+    Saved for backward: the logits themselves and the [B, T] log-normalisers, nothing of size V in
+    float32. The backward writes g * (onehot(tokens) - softmax) chunk by chunk straight into one gradient
+    tensor of the logits' dtype (in place for float32 logits), where autograd's log-softmax and gather
+    would allocate three [B, T, V] tensors (their sum, the softmax and the scattered one-hot).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, rows: int):  # [B, T, V], [B, T] -> [B, T] float32
+        lse = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)  # [B, T]
+        for i in range(0, logits.shape[0], rows):
+            lse[i : i + rows] = torch.logsumexp(logits[i : i + rows].float(), dim=-1)
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.rows = rows
+        return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float() - lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # g [B, T] -> [B, T, V]
+        logits, tokens, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        for i in range(0, logits.shape[0], ctx.rows):
+            rows = slice(i, i + ctx.rows)
+            gi = g[rows].unsqueeze(-1).float()  # [b, T, 1]
+            if logits.dtype == torch.float32:
+                p = torch.sub(logits[rows], lse[rows].unsqueeze(-1), out=grad[rows])
+            else:
+                p = logits[rows].float() - lse[rows].unsqueeze(-1)
+            p.exp_().mul_(-gi).scatter_add_(-1, tokens[rows].unsqueeze(-1), gi)  # g * (onehot - softmax)
+            if p.data_ptr() != grad[rows].data_ptr():
+                grad[rows] = p
+        return grad, None, None
 
 
 def selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[tokens] without a float32 copy of the whole `[B, T, V]` tensor.
 
     logits [B, T, V] (any dtype), tokens [B, T] -> [B, T] float32. Rows are processed a few at a time
-    (at most CHUNK_ELEMENTS logits per chunk are upcast); small batches go in one piece. For bf16/fp16
-    logits that need a gradient, each chunk's float32 upcast is recomputed in the backward pass instead
-    of being kept for it: otherwise autograd would hold a float32 copy of every chunk, twice the size of
-    the logits themselves, until the backward.
+    (at most CHUNK_ELEMENTS logits per chunk are upcast), forward and backward (`_ChosenLogp`).
     """
-    n = _rows(logits)
-    recompute = logits.requires_grad and logits.dtype != torch.float32 and torch.is_grad_enabled()
-    out = []
-    for lg, tk in zip(logits.split(n), tokens.split(n), strict=True):
-        if recompute:
-            out.append(torch.utils.checkpoint.checkpoint(_chosen_logp, lg, tk, use_reentrant=False))
-        else:
-            out.append(_chosen_logp(lg, tk))
-    return out[0] if len(out) == 1 else torch.cat(out)  # [B, T]
+    return _ChosenLogp.apply(logits, tokens, _rows(logits))
 
 
 @torch.no_grad()
