@@ -250,3 +250,19 @@ def test_a_model_without_a_usable_head_is_scored_from_its_logits(monkeypatch, to
         assert models._plain_head(model, ids[:1], mask[:1]) is None
         want, _ = _model_logprobs(model, ids, mask, 3)
         torch.testing.assert_close(models.token_logprobs(model, ids, mask, 3), want, atol=1e-5, rtol=1e-5)
+
+
+def test_logprobs_of_a_sliced_logits_view_backpropagate_into_the_full_tensor():
+    """The model-logits path slices out.logits[:, -(T+1):-1] (a non-contiguous view): the gradient
+    reaches the full tensor as that of the direct computation, zero at the positions left out."""
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(3, 7, 11, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 11, (3, 4), generator=g)
+    w = torch.randn(3, 4, generator=g)
+    got = models.selective_log_softmax(full[:, 2:-1], tokens)
+    (grad_got,) = torch.autograd.grad((got * w).sum(), full)
+    want = full[:, 2:-1].log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+    (grad_want,) = torch.autograd.grad((want * w).sum(), full)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad_got, grad_want)
+    assert grad_got[:, :2].abs().max() == 0 and grad_got[:, -1].abs().max() == 0
