@@ -3,7 +3,7 @@
     python bench/head.py                     # Qwen-sized vocabulary (151,936), 4 x 256 tokens, fp32, CPU
     python bench/head.py --vocab 32000 --batch 8 --tokens 512
 
-`models.token_logprobs` runs the model's LM head itself, a chunk of tokens at a time (at most
+`logprobs.token_logprobs` runs the model's LM head itself, a chunk of tokens at a time (at most
 `CHUNK_ELEMENTS` logits each), and recomputes each chunk in the backward pass instead of keeping it. The
 whole-logits path (a plain `model(...).logits`, then a chunked float32 log-softmax; what TRL's
 `selective_log_softmax` does too) holds the `[B, T, V]` logits and, in backward, their gradient. Every
@@ -34,12 +34,12 @@ def worker(args) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from reinforce_lm import models
+    from reinforce_lm import logprobs, models
 
     torch.set_num_threads(args.threads)
     variant, name = args.worker.split(":")
     if variant == "whole":
-        models.CHUNK_ELEMENTS = 1 << 62  # one piece: the model's own logits
+        logprobs.CHUNK_ELEMENTS = 1 << 62  # one piece: the model's own logits
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
@@ -49,15 +49,15 @@ def worker(args) -> dict:
     ids = torch.randint(0, args.vocab, (args.batch, args.prompt + args.tokens))
     mask = torch.ones_like(ids)
     weights = torch.randn(args.batch, args.tokens)
-    models._plain_head(model, ids[:1], mask[:1])  # the once-per-model check, before measuring
+    logprobs._plain_head(model, ids[:1], mask[:1])  # the once-per-model check, before measuring
 
     def policy():
-        logp, _ = models.token_logprobs(model, ids, mask, args.tokens, entropy=True)
+        logp, _ = logprobs.token_logprobs(model, ids, mask, args.tokens, entropy=True)
         (logp * weights).sum().backward()
 
     def reference():
         with torch.inference_mode():
-            models.token_logprobs(model, ids, mask, args.tokens)
+            logprobs.token_logprobs(model, ids, mask, args.tokens)
 
     fn = policy if name == "policy" else reference
     before = common.current_rss_mib()

@@ -9,7 +9,8 @@ import transformers as T
 from transformers import AutoModelForCausalLM
 
 from reinforce_lm import decoder, toy
-from reinforce_lm.models import disable_dropout, token_logprobs
+from reinforce_lm.logprobs import token_logprobs
+from reinforce_lm.models import disable_dropout
 from reinforce_lm.rollout import Sampler, row_seeds
 
 PROMPTS = ["a?", "bcd+1=", "j?", "0123456789?"]  # uneven lengths: left padding matters

@@ -10,12 +10,12 @@ from reinforce_lm import cli, toy
 from reinforce_lm.config import TrainConfig
 from reinforce_lm.distributed import Dist
 from reinforce_lm.files import write_jsonl
+from reinforce_lm.logprobs import token_logprobs
 from reinforce_lm.models import (
     RefViaDisabledAdapter,
     apply_lora,
     forward_kwargs,
     load_causal_lm,
-    token_logprobs,
 )
 from reinforce_lm.runner import load_reference
 
@@ -107,7 +107,7 @@ def test_lora_run_trains_only_adapters_and_saves_a_loadable_merged_model(tmp_pat
 def test_chunked_head_with_an_adapter_on_the_head(monkeypatch, llama_dir, tokenizer):
     """LoRA on the LM head too: the chunked head runs inside the forward, so the reference (adapter
     disabled) scores with the base head and the policy with its adapted head, as the model's logits do."""
-    from reinforce_lm import models
+    from reinforce_lm import logprobs
 
     base = load_causal_lm(str(llama_dir))
     policy = apply_lora(load_causal_lm(str(llama_dir)), 4, 16.0, 0.0, "q_proj,v_proj,lm_head")
@@ -119,7 +119,7 @@ def test_chunked_head_with_an_adapter_on_the_head(monkeypatch, llama_dir, tokeni
     ref = RefViaDisabledAdapter(policy)
     with torch.inference_mode():
         whole = [token_logprobs(m, ids, attn, T) for m in (ref, base, policy)]
-        monkeypatch.setattr(models, "CHUNK_ELEMENTS", 2 * base.config.vocab_size)  # 2 tokens per chunk
+        monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 2 * base.config.vocab_size)  # 2 tokens per chunk
         chunked = [token_logprobs(m, ids, attn, T) for m in (ref, base, policy)]
     for a, b in zip(whole, chunked, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

@@ -6,29 +6,29 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reinforce_lm import models
+from reinforce_lm import logprobs, models
 
 
 @pytest.mark.parametrize("elements", [1 << 24, 50])  # one chunk; chunks of 1 row (3 x 17 = 51 > 50)
 def test_selective_log_softmax_and_entropy_in_chunks(monkeypatch, elements):
-    monkeypatch.setattr(models, "CHUNK_ELEMENTS", elements)
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", elements)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 3, 17, generator=g, requires_grad=True)
     tokens = torch.randint(0, 17, (5, 3), generator=g)
-    got = models.selective_log_softmax(logits, tokens)
+    got = logprobs.selective_log_softmax(logits, tokens)
     want = logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
     assert torch.allclose(got, want, atol=1e-6)
     (grad_got,) = torch.autograd.grad(got.sum(), logits)
     (grad_want,) = torch.autograd.grad(want.sum(), logits)
     assert torch.allclose(grad_got, grad_want, atol=1e-6)
     p = logits.softmax(-1)
-    assert torch.allclose(models.entropy_from_logits(logits), -(p * p.log()).sum(-1), atol=1e-5)
+    assert torch.allclose(logprobs.entropy_from_logits(logits), -(p * p.log()).sum(-1), atol=1e-5)
 
 
 def test_selective_log_softmax_of_bf16_logits_is_float32():
     logits = torch.randn(4, 2, 11).bfloat16()
     tokens = torch.randint(0, 11, (4, 2))
-    got = models.selective_log_softmax(logits, tokens)
+    got = logprobs.selective_log_softmax(logits, tokens)
     assert got.dtype == torch.float32
     want = logits.float().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
     assert torch.allclose(got, want, atol=1e-6)
@@ -52,7 +52,7 @@ def test_right_padded_batches_score_the_same_without_a_mask(arch, tokenizer):
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, 6:], mask[2, 4:] = 0, 0  # responses of different lengths
     ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
-    got = models.token_logprobs(model, ids, mask, 5)
+    got = logprobs.token_logprobs(model, ids, mask, 5)
     logits = model(input_ids=ids, attention_mask=mask).logits[:, -6:-1]
     want = logits.log_softmax(-1).gather(-1, ids[:, -5:, None]).squeeze(-1)
     valid = mask[:, -5:].bool()
@@ -90,7 +90,7 @@ def test_no_padding_warning_when_the_mask_is_left_out_on_purpose(tokenizer):
         assert any("attention_mask" in m for m in seen)
         seen.clear()
         logging.Logger.warning_once.cache_clear()
-        models.token_logprobs(model, ids, mask, 3)
+        logprobs.token_logprobs(model, ids, mask, 3)
         assert not any("attention_mask" in m for m in seen)
         logger.warning("another message")  # other warnings still pass
         assert seen == ["another message"]
@@ -118,7 +118,7 @@ def test_logprobs_keep_no_float32_copy_of_the_logits_for_backward(dtype):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        got = models.selective_log_softmax(logits, tokens)
+        got = logprobs.selective_log_softmax(logits, tokens)
     big = [t for t in saved if t.numel() >= logits.numel()]
     assert len(big) == 1 and big[0].data_ptr() == logits.data_ptr()
     want = logits.float().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
@@ -167,10 +167,10 @@ def test_chunked_head_gives_the_models_logprobs_gradients_and_entropy(
 
     head_inputs = []
     head = model.get_output_embeddings()
-    assert models._plain_head(model, ids[:1], mask[:1]) is head  # checked once per model, up front here
+    assert logprobs._plain_head(model, ids[:1], mask[:1]) is head  # checked once per model, up front here
     handle = head.register_forward_hook(lambda m, a, o: head_inputs.append(a[0].shape[:-1].numel()))
-    monkeypatch.setattr(models, "CHUNK_ELEMENTS", 4 * V)  # 4 tokens' logits per chunk: 18 tokens -> 5
-    got, entropy = models.token_logprobs(model, ids, mask, n, temperature, entropy=True)
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 4 * V)  # 4 tokens' logits per chunk: 18 tokens -> 5
+    got, entropy = logprobs.token_logprobs(model, ids, mask, n, temperature, entropy=True)
     got_grads = torch.autograd.grad((got * weights).sum(), list(model.parameters()), allow_unused=True)
     handle.remove()
 
@@ -195,13 +195,13 @@ def test_chunked_head_without_gradient_and_the_one_piece_threshold(monkeypatch, 
     ids = torch.randint(3, model.config.vocab_size, (2, 8))
     mask = torch.ones_like(ids)
     want, _ = _model_logprobs(model, ids, mask, 5)
-    monkeypatch.setattr(models, "CHUNK_ELEMENTS", per_chunk * model.config.vocab_size)
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", per_chunk * model.config.vocab_size)
     seen = []
     handle = model.get_output_embeddings().register_forward_hook(
         lambda m, a, o: seen.append(a[0].shape[:-1].numel())
     )
     with torch.inference_mode():
-        got = models.token_logprobs(model, ids, mask, 5)
+        got = logprobs.token_logprobs(model, ids, mask, 5)
     handle.remove()
     torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
     # + the once-per-model check (one position of one row) and the model's own call (one per row)
@@ -222,10 +222,10 @@ def test_models_that_reshape_their_logits_keep_their_own_logits(monkeypatch, tok
     model = AutoModelForCausalLM.from_config(config).eval()
     ids = torch.randint(3, config.vocab_size, (2, 7))
     mask = torch.ones_like(ids)
-    monkeypatch.setattr(models, "CHUNK_ELEMENTS", 2 * config.vocab_size)
-    assert models._plain_head(model, ids[:1], mask[:1]) is None
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 2 * config.vocab_size)
+    assert logprobs._plain_head(model, ids[:1], mask[:1]) is None
     want, _ = _model_logprobs(model, ids, mask, 4)
-    got = models.token_logprobs(model, ids, mask, 4)
+    got = logprobs.token_logprobs(model, ids, mask, 4)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -242,14 +242,14 @@ def test_a_model_without_a_usable_head_is_scored_from_its_logits(monkeypatch, to
         def get_output_embeddings(self):
             return torch.nn.Linear(4, 4)  # not the module the forward calls
 
-    monkeypatch.setattr(models, "CHUNK_ELEMENTS", 8)
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 8)
     for cls in (NoHead, UnusedHead):
         model = cls(toy.make_model("llama", tokenizer).config).eval()
         ids = torch.randint(3, model.config.vocab_size, (2, 6))
         mask = torch.ones_like(ids)
-        assert models._plain_head(model, ids[:1], mask[:1]) is None
+        assert logprobs._plain_head(model, ids[:1], mask[:1]) is None
         want, _ = _model_logprobs(model, ids, mask, 3)
-        torch.testing.assert_close(models.token_logprobs(model, ids, mask, 3), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logprobs.token_logprobs(model, ids, mask, 3), want, atol=1e-5, rtol=1e-5)
 
 
 def test_logprobs_of_a_sliced_logits_view_backpropagate_into_the_full_tensor():
@@ -259,7 +259,7 @@ def test_logprobs_of_a_sliced_logits_view_backpropagate_into_the_full_tensor():
     full = torch.randn(3, 7, 11, generator=g, requires_grad=True)
     tokens = torch.randint(0, 11, (3, 4), generator=g)
     w = torch.randn(3, 4, generator=g)
-    got = models.selective_log_softmax(full[:, 2:-1], tokens)
+    got = logprobs.selective_log_softmax(full[:, 2:-1], tokens)
     (grad_got,) = torch.autograd.grad((got * w).sum(), full)
     want = full[:, 2:-1].log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
     (grad_want,) = torch.autograd.grad((want * w).sum(), full)

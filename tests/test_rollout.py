@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from reinforce_lm import toy
-from reinforce_lm.models import disable_dropout, load_tokenizer, token_logprobs
+from reinforce_lm.logprobs import token_logprobs
+from reinforce_lm.models import disable_dropout, load_tokenizer
 from reinforce_lm.rollout import Sampler, filter_logits, row_seeds
 
 

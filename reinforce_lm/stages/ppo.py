@@ -25,12 +25,12 @@ import torch
 from reinforce_lm import algorithms as A
 from reinforce_lm.distributed import unwrap, wrap
 from reinforce_lm.errors import CheckpointError, ConfigError
+from reinforce_lm.logprobs import in_chunks
 from reinforce_lm.models import (
     DTYPES,
     disable_dropout,
     enable_activation_checkpointing,
     forward_kwargs,
-    in_chunks,
     resolve_model_path,
 )
 from reinforce_lm.stages.reinforce import ReinforceStage, trim
@@ -52,7 +52,7 @@ class Critic(torch.nn.Module):
     def forward(self, input_ids, attention_mask, n_response: int) -> torch.Tensor:
         """Values of the states before each of the last `n_response` tokens: [B, L] -> [B, T] float32.
 
-        Aligned like `models.token_logprobs`: position t is the prefix that token t is sampled from.
+        Aligned like `logprobs.token_logprobs`: position t is the prefix that token t is sampled from.
         """
         out = self.backbone(input_ids=input_ids, **forward_kwargs(self.backbone, attention_mask))
         hidden = out.last_hidden_state[:, -(n_response + 1) : -1]  # [B, T, H]

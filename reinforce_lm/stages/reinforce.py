@@ -15,7 +15,7 @@ import torch
 from reinforce_lm import algorithms as A
 from reinforce_lm.data import PromptData, step_indices
 from reinforce_lm.distributed import Dist, rank_chunks, unwrap
-from reinforce_lm.models import in_chunks, token_logprobs
+from reinforce_lm.logprobs import in_chunks, token_logprobs
 from reinforce_lm.rewards import RewardSet
 from reinforce_lm.rollout import Rollout, Sampler, row_seeds
 

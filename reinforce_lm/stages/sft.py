@@ -19,7 +19,7 @@ from reinforce_lm.config import EngineConfig, _f, _positive
 from reinforce_lm.data import IGNORE_INDEX, collate_sft, load_sft, pack_sft, split_eval, step_indices
 from reinforce_lm.distributed import Dist, rank_chunks, unwrap
 from reinforce_lm.errors import ConfigError
-from reinforce_lm.models import token_logprobs
+from reinforce_lm.logprobs import token_logprobs
 
 
 @dataclass
