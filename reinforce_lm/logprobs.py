@@ -94,8 +94,9 @@ def token_logprobs(
     returns the per-token entropy [B, T] (no gradient), for metrics.
 
     Where the model's logits are exactly its LM head's output (checked once per model, see
-    `_plain_head`), the head runs here instead, on the hidden states it would have received, in chunks
-    (`head_logprobs`): no `[B, T, V]` logits tensor exists at once. Otherwise the model's logits are used.
+    `_plain_head`), the head runs here instead, on the hidden states it would have received
+    (`head_logprobs`; in chunks once the logits are large, then no `[B, T, V]` tensor exists at once).
+    Otherwise the model's own logits are used.
     """
     tokens = input_ids[:, -n_response:]
     head = _plain_head(model, input_ids[:1], attention_mask[:1])
