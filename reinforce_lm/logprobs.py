@@ -118,12 +118,14 @@ def token_logprobs(
             handle.remove()
     if "out" in taken:
         return taken["out"]
-    logits = out.logits[:, -(n_response + 1) : -1]  # [B, T, V]
+    return _from_logits(out.logits[:, -(n_response + 1) : -1], tokens, temperature, entropy)
+
+
+def _from_logits(logits, tokens, temperature: float, entropy: bool):
+    """logits [B, T, V], tokens [B, T] -> log-probs [B, T] float32 (and entropy [B, T], no gradient)."""
     logits = logits / temperature if temperature != 1.0 else logits
     logp = selective_log_softmax(logits, tokens)
-    if entropy:
-        return logp, entropy_from_logits(logits.detach())
-    return logp
+    return (logp, entropy_from_logits(logits.detach())) if entropy else logp
 
 
 def head_logprobs(head, hidden, tokens, temperature: float = 1.0, entropy=False):
@@ -140,10 +142,7 @@ def head_logprobs(head, hidden, tokens, temperature: float = 1.0, entropy=False)
     vocab = getattr(head, "out_features", None) or getattr(head, "weight", torch.empty(1, 1)).shape[0]
     per_chunk = max(1, CHUNK_ELEMENTS // vocab)
     if B * T * vocab < HEAD_CHUNKS_MIN * CHUNK_ELEMENTS:  # one piece: the logits are small
-        logits = head(hidden)
-        logits = logits / temperature if temperature != 1.0 else logits
-        logp = selective_log_softmax(logits, tokens)
-        return (logp, entropy_from_logits(logits.detach())) if entropy else logp
+        return _from_logits(head(hidden), tokens, temperature, entropy)
 
     grad = torch.is_grad_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in head.parameters())
