@@ -53,13 +53,14 @@ class _ChosenLogp(torch.autograd.Function):
         for i in range(0, logits.shape[0], ctx.rows):
             rows = slice(i, i + ctx.rows)
             gi = g[rows].unsqueeze(-1).float()  # [b, T, 1]
-            if logits.dtype == torch.float32:
+            in_place = logits.dtype == torch.float32
+            if in_place:
                 p = torch.sub(logits[rows], lse[rows].unsqueeze(-1), out=grad[rows])
             else:
                 p = logits[rows].float() - lse[rows].unsqueeze(-1)
             p.exp_().mul_(-gi).scatter_add_(-1, tokens[rows].unsqueeze(-1), gi)  # g * (onehot - softmax)
-            if p.data_ptr() != grad[rows].data_ptr():
-                grad[rows] = p
+            if not in_place:
+                grad[rows] = p  # cast into the logits' dtype
         return grad, None, None
 
 
