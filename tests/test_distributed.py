@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reinforce_lm import cli, distributed, toy
+from reinforce_lm import cli, distributed, logprobs, toy
 from reinforce_lm.files import write_jsonl
 from reinforce_lm.metrics import read_metrics
 from reinforce_lm.models import load_tokenizer
@@ -71,12 +71,10 @@ def one_process(argv: list[str]) -> None:
         os.environ.update(env)
 
 
-def two_processes(argv: list[str]) -> None:
+def two_processes(argv: list[str], entry: tuple[str, ...] = ("-m", "reinforce_lm")) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    p = subprocess.run(
-        [*cmd, "-m", "reinforce_lm", *argv], env=env, capture_output=True, text=True, timeout=300
-    )
+    p = subprocess.run([*cmd, *entry, *argv], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
 
@@ -114,6 +112,36 @@ def test_two_processes_equal_one_and_resume_on_one(setup, estimator, extra):
     print(f"{estimator} {extra}: max |2-proc - 1-proc| after 2 steps {d2:.2e}, resumed to 3 {d3:.2e}")
     assert d3 < TOL
     assert [r["step"] for r in read_metrics(two / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_chunked_head_under_ddp_equals_one_process(setup, tmp_path, monkeypatch):
+    """The LM head run in checkpointed chunks inside the forward (logprobs.head_logprobs), with the KL in
+    the loss: DDP reduces the head's gradient once, and two processes take the step that one does.
+
+    One step: the chunked head sums in another order than the one-piece head, and from the second step
+    on Adam and the sampler turn such float-level differences into ~1e-3 (measured with and without DDP).
+    """
+    root, model, prompts = setup
+    chunk = 100  # logits per chunk: 2 tokens of the toy vocabulary, many chunks per micro-batch
+    launcher = tmp_path / "chunked.py"
+    launcher.write_text(
+        "import sys\nfrom reinforce_lm import cli, logprobs\n"
+        f"logprobs.CHUNK_ELEMENTS = {chunk}\nsys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(
+        torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k)
+    )
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_process(args(model, prompts, one, "grpo", 1, "--beta=0.05"))
+    assert len(calls) > 10  # the policy's head ran in checkpointed chunks (4 micro-batches)
+    two_processes(args(model, prompts, two, "grpo", 1, "--beta=0.05"), entry=(str(launcher),))
+    assert max_diff(one / "checkpoint-1", two / "checkpoint-1") < TOL
+    assert max_diff(one / "checkpoint-1", model) > 1e-3
+    (a,), (b,) = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
 
 
 def test_mixed_precision_and_gradient_checkpointing_train(setup):
