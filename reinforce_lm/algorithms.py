@@ -31,6 +31,12 @@ def _sum_all(t: torch.Tensor, reduce_sum: ReduceSum | None) -> torch.Tensor:
     return t if reduce_sum is None else reduce_sum(t)
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float64 for statistics (float32 on MPS, which has none). Tied values then give deviations of
+    ~1e-16 instead of one float32 ulp, which a std of 0 + eps would turn into advantages of order 1."""
+    return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
+
+
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Sum of ``x`` where ``mask`` is 1: ``[B, T]`` -> scalar, or ``[B]`` with dim=1."""
     x = x * mask
@@ -47,7 +53,7 @@ def masked_mean(
     """
     if dim is not None:
         return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1)
-    return _mean_var(x, mask, reduce_sum, with_var=False)[0]
+    return _mean_var(x, mask, reduce_sum, with_var=False)[0].to(x.dtype)
 
 
 def _mean_var(
@@ -58,7 +64,8 @@ def _mean_var(
     unbiased: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Global mean and variance: one all-reduce of (sum, count), one of the squared deviations from the
-    global mean (two passes are numerically safer than a sum of squares)."""
+    global mean (two passes are numerically safer than a sum of squares). In float64 (`_wide`)."""
+    x, mask = _wide(x), _wide(mask)
     total, count = _sum_all(torch.stack([masked_sum(x, mask), mask.sum().to(x.dtype)]), reduce_sum)
     mean = total / count.clamp(min=1)
     if not with_var:
@@ -74,7 +81,7 @@ def masked_var(
 
     ``unbiased`` divides by n - 1 (Bessel's correction), else by n; with n <= 1 the result is 0.
     """
-    return _mean_var(x, mask, reduce_sum, unbiased=unbiased)[1]
+    return _mean_var(x, mask, reduce_sum, unbiased=unbiased)[1].to(x.dtype)
 
 
 def masked_whiten(
@@ -90,8 +97,8 @@ def masked_whiten(
     ``shift_mean=False`` the mean is added back (only the scale is normalised).
     """
     mean, var = _mean_var(x, mask, reduce_sum)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    return (out if shift_mean else out + mean) * mask
+    out = (_wide(x) - mean) * torch.rsqrt(var + eps)
+    return ((out if shift_mean else out + mean) * mask).to(x.dtype)
 
 
 class RunningMean:
@@ -184,22 +191,26 @@ def compute_advantages(
 
     Credit: without ``token_rewards`` A = r - b on every valid token (``gamma`` unused). With
     ``token_rewards[B, T]`` (e.g. a per-token KL penalty), or always for ``reinforce_pp*``, A_t = G_t - b
-    with G_t the discounted returns of token_rewards plus r at the last valid token.
+    with G_t the discounted returns of token_rewards plus r at the last valid token; b is not discounted,
+    so it stays independent of the sample (a baseline times gamma^(tokens left) would not be). ``grpo`` and
+    ``dr_grpo`` first replace r by the normalised score (r - mean_g) / (std_g + eps) (resp. r - mean_g),
+    the reward of Shao et al., and then b = 0: std_g scales the score, never the token rewards.
 
     Choices where implementations disagree:
     - group of one: no baseline (mean 0, std 1) for every group estimator. Its own reward as baseline
       would give A = 0 and 0/0 std, silently discarding the sample; RLOO has no "other" samples.
     - std: Bessel-corrected (``torch.std``, as TRL and verl do); eps is added to the std,
-      not under the sqrt.
+      not under the sqrt. Statistics in float64, so a tied group or batch gives 0, not one float32
+      ulp / eps (up to ~0.8 for scores near 100).
     - whitening (reinforce_pp*): over valid tokens, not sequences, as in OpenRLHF; var + 1e-8 in the
       sqrt. Longer responses weigh more in the statistics, which matches a token-mean loss.
     - padded positions never enter any statistic and are 0 in the output; group statistics never
       cross processes (groups stay on one rank), batch statistics always do, via ``reduce_sum``.
     """
     _check("estimator", estimator, ESTIMATORS)
-    dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
-    r = rewards.detach().to(dtype)  # [B]
-    mask = mask.detach().to(dtype)  # [B, T]
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
+    r = _wide(rewards.detach())  # [B]
+    mask = _wide(mask.detach())  # [B, T]
     scale = torch.ones_like(r)  # [B]
 
     if estimator in _GROUP_ESTIMATORS:
@@ -224,29 +235,39 @@ def compute_advantages(
     elif estimator == "remax":
         if baseline_rewards is None:
             raise ValueError("estimator 'remax' needs baseline_rewards[B] (the greedy completions' scores)")
-        baseline = baseline_rewards.detach().to(dtype)
+        baseline = _wide(baseline_rewards.detach())
     else:  # none, reinforce_pp
         baseline = torch.zeros_like(r)
 
+    if estimator in ("grpo", "dr_grpo"):
+        # The papers' normalised score r~ = (r - mean_g) / std_g is the reward: token returns are built
+        # from it, so a token-level KL penalty or discounting is never divided by std_g (a tied group
+        # has std_g = 0, and that would multiply them by 1 / eps).
+        r, baseline, scale = (r - baseline) * scale, torch.zeros_like(r), torch.ones_like(r)
     if token_rewards is not None or estimator.startswith("reinforce_pp"):
         per_token = place_at_last_token(r, mask)  # [B, T]
         if token_rewards is not None:
-            per_token = per_token + token_rewards.detach().to(dtype)
+            per_token = per_token + _wide(token_rewards.detach())
         adv = discounted_returns(per_token, mask, gamma) - baseline.unsqueeze(1)  # [B, T]
     else:
         adv = (r - baseline).unsqueeze(1).expand_as(mask)  # [B, T]
     adv = adv * scale.unsqueeze(1)
     if estimator.startswith("reinforce_pp"):
         adv = masked_whiten(adv, mask, reduce_sum=reduce_sum)
-    return (adv * mask).detach()
+    return (adv * mask).to(out_dtype).detach()
 
 
 def kl_divergence(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token estimate of KL(pi || ref) from samples of pi, ``[B, T]`` -> ``[B, T]`` (Schulman 2020).
 
-    ``k1`` = log(pi/ref) (unbiased, can be negative); ``k2`` = 0.5 log(pi/ref)^2 (biased, low variance);
-    ``k3`` = ref/pi - log(ref/pi) - 1 (unbiased, never negative), clamped to [-10, 10] against overflow.
-    Differentiable.
+    Values: ``k1`` = log(pi/ref) (unbiased, can be negative); ``k2`` = 0.5 log(pi/ref)^2 (biased, low
+    variance); ``k3`` = ref/pi - log(ref/pi) - 1 (unbiased, never negative; its log-ratio is clamped to
+    [-20, 20] first, so exp cannot overflow in float32 or bf16: beyond a ratio of e^20 its gradient is 0).
+
+    Gradients, as a loss term on samples of pi (exact enumeration, tests/test_algorithms.py; Tang & Munos
+    2025): ``k2`` gives the gradient of KL(pi || ref), ``k3`` that of the reverse direction KL(ref || pi),
+    ``k1`` zero in expectation (E_pi[grad log pi] = 0), so ``k1`` belongs in the reward, detached, where
+    (with the score-function gradient) it gives the gradient of KL(pi || ref).
     """
     _check("KL estimator", estimator, KL_ESTIMATORS)
     log_ratio = logp - ref_logp
@@ -254,7 +275,8 @@ def kl_divergence(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) ->
         return log_ratio
     if estimator == "k2":
         return 0.5 * log_ratio**2
-    return (torch.exp(-log_ratio) + log_ratio - 1).clamp(min=-10, max=10)
+    log_ratio = log_ratio.clamp(min=-20, max=20)
+    return torch.exp(-log_ratio) + log_ratio - 1
 
 
 def aggregate_loss(

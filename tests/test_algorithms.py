@@ -122,13 +122,43 @@ def test_token_level_credit_subtracts_baseline_from_every_return():
     # rloo baselines [3, 3, 2, 1, 1, 0] subtracted from every G_t
     rloo = advantages("rloo", token_rewards=TOKEN_REWARDS, gamma=0.5)
     close(rloo, (RETURNS - torch.tensor([3.0, 3, 2, 1, 1, 0], dtype=F64)[:, None]) * MASK)
+    # grpo: the normalised score r~ = (r - mean_g) / std_g is the reward at the last token, and the token
+    # rewards are not divided by std_g. Group 7 (mean 2, std 2): row 0 r~ = -1 over 4 tokens, row 3 r~ = 1.
     grpo = advantages("grpo", token_rewards=TOKEN_REWARDS, gamma=0.5, eps=0.0)
-    close(grpo[0], (RETURNS[0] - 2) / 2)  # group 7: mean 2, std 2
+    close(grpo[0], [-0.1875 - 0.125, -0.175 - 0.25, -0.15 - 0.5, -0.1 - 1])
+    close(grpo[3], [-0.1 + 1, 0, 0, 0])
     close(grpo[5], RETURNS[5] * MASK[5])  # group of one: mean 0, std 1
+    dr = advantages("dr_grpo", token_rewards=TOKEN_REWARDS, gamma=0.5)
+    close(dr[0], [-0.1875 - 0.25, -0.175 - 0.5, -0.15 - 1, -0.1 - 2])  # r - mean_g = -2, discounted
     none = advantages("none", token_rewards=TOKEN_REWARDS, gamma=0.5)
     close(none, RETURNS)
     pp = advantages("reinforce_pp", token_rewards=TOKEN_REWARDS, gamma=0.5)
     close(pp, alg.masked_whiten(RETURNS, MASK))
+
+
+def test_a_tied_group_gives_no_score_advantage_and_unscaled_token_rewards():
+    """Equal scores carry no signal: 0 for every group estimator, also for float32 scores whose group mean
+    rounds (float64 statistics), and the token rewards (a KL penalty) keep their own scale instead of
+    being divided by a std of 0 + eps."""
+    mask = torch.ones(8, 3)
+    for value in (0.7, 13.7, 100.3, -2.1e4):
+        tied = torch.full((8,), value)  # float32, one group of 8 (float32 mean: 1 ulp off for some values)
+        for est in ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline"):
+            adv = alg.compute_advantages(est, rewards=tied, mask=mask, group_ids=torch.zeros(8))
+            assert adv.abs().max() < 1e-6, (est, value, adv.abs().max())
+        whitened = alg.compute_advantages("reinforce_pp", rewards=tied, mask=mask)
+        assert whitened.abs().max() < 1e-4, (value, whitened.abs().max())
+    kl_penalty = -0.01 * torch.rand(8, 3, generator=torch.Generator().manual_seed(0))  # [B, T]
+    for gamma in (1.0, 0.9):
+        adv = alg.compute_advantages(
+            "grpo",
+            rewards=torch.ones(8),
+            mask=mask,
+            group_ids=torch.zeros(8),
+            token_rewards=kl_penalty,
+            gamma=gamma,
+        )
+        torch.testing.assert_close(adv, alg.discounted_returns(kl_penalty, mask, gamma))
 
 
 @pytest.mark.parametrize("estimator", alg.ESTIMATORS)
@@ -339,6 +369,48 @@ def test_unbiased_estimators_match_true_gradient(estimator, kw):
     close(got, true, tol=1e-6)
 
 
+# Completions of length 1 or 2 over {EOS, a, b}: the first token from softmax(theta[:3]); EOS ends the
+# completion, else a second token from softmax(theta[3:]). Rewards depend on the whole completion.
+TREE_REWARDS = {(0,): 0.7, (1, 0): 1.0, (1, 1): 0.2, (1, 2): 2.0, (2, 0): -1.0, (2, 1): 0.5, (2, 2): 1.5}
+
+
+def expected_gradient_variable_length(estimator, mode, k=2):
+    theta = torch.tensor([0.3, -0.2, 0.5, 0.1, 0.4, -0.6], dtype=F64, requires_grad=True)
+    first, second = theta[:3].log_softmax(0), theta[3:].log_softmax(0)
+
+    def token_logp(c):  # [2], 0 past the end
+        return torch.stack([first[c[0]], second[c[1]] if len(c) > 1 else torch.zeros((), dtype=F64)])
+
+    completions = list(TREE_REWARDS)
+    prob = {c: token_logp(c).sum().exp() for c in completions}
+    (true,) = torch.autograd.grad(sum(prob[c] * r for c, r in TREE_REWARDS.items()), theta, retain_graph=True)
+    total = torch.zeros_like(theta)
+    for cs in itertools.product(completions, repeat=k):
+        logp = torch.stack([token_logp(c) for c in cs])  # [K, 2]
+        mask = torch.tensor([[1.0, float(len(c) > 1)] for c in cs], dtype=F64)
+        rewards = torch.tensor([TREE_REWARDS[c] for c in cs], dtype=F64)
+        adv = alg.compute_advantages(estimator, rewards=rewards, mask=mask, group_ids=torch.zeros(k))
+        loss = alg.policy_gradient_loss(logp, adv, mask, mode, max_len=2)
+        (grad,) = torch.autograd.grad(loss, theta, retain_graph=True)
+        total += math.prod(prob[c].item() for c in cs) * grad
+    return total, -true
+
+
+@pytest.mark.parametrize("estimator", ["none", "rloo"])
+def test_unbiased_with_variable_lengths_only_with_a_sample_independent_normaliser(estimator):
+    """With completions of different lengths, `seq-mean-token-sum` (sequence log-probs, Ahmadian et al.
+    2024) and `seq-mean-token-sum-norm` (a constant, Dr. GRPO) give E[grad] = c * grad E[r]; `token-mean`
+    and `seq-mean-token-mean` divide by lengths that depend on the sample: another direction (Liu et al.
+    2025)."""
+    for mode, scale in (("seq-mean-token-sum", 1.0), ("seq-mean-token-sum-norm", 0.5)):
+        got, true = expected_gradient_variable_length(estimator, mode)
+        close(got, scale * true, tol=1e-9)
+    for mode in ("token-mean", "seq-mean-token-mean"):
+        got, true = expected_gradient_variable_length(estimator, mode)
+        off_line = got - (got @ true) / (true @ true) * true
+        assert off_line.norm() > 0.02 * got.norm()  # 6-44% of its norm here
+
+
 def test_biased_estimators_differ_from_true_gradient():
     _, true = expected_gradient("none")
     grpo, _ = expected_gradient("grpo")
@@ -401,8 +473,42 @@ def test_kl_estimators_by_hand():
     ln2 = math.log(2)
     close(alg.kl_divergence(logp, d, "k1"), [[-ln2, 0, ln2, -20, 20]])
     close(alg.kl_divergence(logp, d, "k2"), [[ln2**2 / 2, 0, ln2**2 / 2, 200, 200]])
-    # exp(d) - d - 1: 2 - ln2 - 1, 0, 0.5 + ln2 - 1, huge -> 10, exp(-20) + 19 -> 10
-    close(alg.kl_divergence(logp, d, "k3"), [[1 - ln2, 0, ln2 - 0.5, 10, 10]])
+    # exp(d) - d - 1: 2 - ln2 - 1, 0, 0.5 + ln2 - 1, exp(20) - 21, exp(-20) + 19
+    k3 = [[1 - ln2, 0, ln2 - 0.5, math.exp(20) - 21, math.exp(-20) + 19]]
+    close(alg.kl_divergence(logp, d, "k3"), k3, tol=1e-6)
+    # beyond |log-ratio| 20 the log-ratio is clamped: no overflow, no NaN gradient, gradient 0
+    far = torch.tensor([[30.0, -30.0, 100.0, -100.0]], requires_grad=True)  # float32: exp(100) = inf
+    out = alg.kl_divergence(far, torch.zeros(1, 4), "k3")
+    out.sum().backward()
+    close(out.detach(), [[math.exp(-20) + 19, math.exp(20) - 21] * 2], tol=1e-6)
+    assert torch.equal(far.grad, torch.zeros(1, 4))
+
+
+def test_kl_gradients_by_exact_enumeration():
+    """What each estimator's gradient is, with a softmax policy over 4 arms (Tang & Munos 2025): in the
+    loss (pathwise, E_pi[grad k(a)]) k2 gives grad KL(pi || ref), k3 grad KL(ref || pi), k1 zero; in the
+    reward (detached, score function E_pi[k(a) grad log pi(a)]) k1 gives grad KL(pi || ref)."""
+    theta = torch.tensor([0.3, -1.2, 0.8, 0.1], dtype=F64, requires_grad=True)
+    ref_logp = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=F64).log()
+
+    def grad(f):
+        (g,) = torch.autograd.grad(f(theta.log_softmax(-1)), theta)
+        return g
+
+    forward_kl = grad(lambda lp: (lp.exp() * (lp - ref_logp)).sum())  # KL(pi || ref)
+    reverse_kl = grad(lambda lp: (ref_logp.exp() * (ref_logp - lp)).sum())  # KL(ref || pi)
+
+    def in_loss(k):
+        return grad(lambda lp: (lp.exp().detach() * alg.kl_divergence(lp, ref_logp, k)).sum())
+
+    close(in_loss("k2"), forward_kl, tol=1e-12)
+    close(in_loss("k3"), reverse_kl, tol=1e-12)
+    close(in_loss("k1"), torch.zeros(4), tol=1e-12)
+    k1_reward = grad(
+        lambda lp: (lp.exp().detach() * alg.kl_divergence(lp, ref_logp, "k1").detach() * lp).sum()
+    )
+    close(k1_reward, forward_kl, tol=1e-12)
+    assert (forward_kl - reverse_kl).abs().max() > 0.05  # the two directions differ here
 
 
 def test_k1_and_k3_are_unbiased_and_k3_nonnegative():
