@@ -123,7 +123,12 @@ class TrainConfig(EngineConfig):
     top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 disables).")
     top_k: int = _f(0, "Top-k sampling (0 disables).")
     beta: float = _f(0.05, "KL coefficient against the frozen reference; 0 loads no reference model.")
-    kl_estimator: str = _f("k3", "KL estimator: k1 (log-ratio), k2 (half squared log-ratio), k3 (Schulman).")
+    kl_estimator: str = _f(
+        "k3",
+        "KL estimator: k1 (log-ratio), k2 (half squared log-ratio), k3 (Schulman). In the loss, k2's "
+        "gradient is that of KL(policy||ref), k3's that of KL(ref||policy); in the reward, k1 gives "
+        "KL(policy||ref).",
+    )
     kl_in: str = _f("loss", "Where the KL goes: reward (subtracted from the score) or loss (added to it).")
     credit: str = _f("sequence", "sequence (one advantage per completion) or token (reward-to-go).")
     gamma: float = _f(1.0, "Discount for token-level returns.")
@@ -189,6 +194,16 @@ class TrainConfig(EngineConfig):
             raise ConfigError(
                 f"reward_weights has {len(self.reward_weights)} values for "
                 f"{len(self.reward) + len(self.reward_model)} rewards"
+            )
+        if (
+            self.algorithm == "reinforce"
+            and self.beta > 0
+            and self.kl_in == "loss"
+            and self.kl_estimator == "k1"
+        ):
+            raise ConfigError(
+                "kl_estimator k1 in the loss has zero expected gradient (E[grad log pi] = 0): it adds noise, "
+                "not a KL penalty. Use --kl-in reward with k1, or --kl-estimator k2 or k3 in the loss"
             )
         group_estimators = ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline")
         if (

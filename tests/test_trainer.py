@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from reinforce_lm import checkpoint, cli, distributed, toy
 from reinforce_lm.config import TrainConfig
+from reinforce_lm.errors import ConfigError
 from reinforce_lm.files import write_jsonl
 from reinforce_lm.metrics import read_metrics
 from reinforce_lm.models import resolve_model_path
@@ -105,11 +106,20 @@ def test_micro_batch_size_does_not_change_the_update(task, tmp_path, loss_agg):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
-@pytest.mark.parametrize("kl_in,credit", [("reward", "sequence"), ("reward", "token"), ("loss", "token")])
-def test_kl_placements_and_credit_run(task, tmp_path, kl_in, credit):
-    cfg = config(task, tmp_path, steps=2, beta=0.1, kl_in=kl_in, credit=credit, kl_estimator="k1")
+@pytest.mark.parametrize(
+    "kl_in,credit,kl_estimator",
+    [("reward", "sequence", "k1"), ("reward", "token", "k1"), ("loss", "token", "k2")],
+)
+def test_kl_placements_and_credit_run(task, tmp_path, kl_in, credit, kl_estimator):
+    cfg = config(task, tmp_path, steps=2, beta=0.1, kl_in=kl_in, credit=credit, kl_estimator=kl_estimator)
     assert run_train(cfg) == 0
     assert read_metrics(tmp_path / "metrics.jsonl")[-1]["kl"] is not None
+
+
+def test_k1_in_the_loss_is_refused(task, tmp_path):
+    with pytest.raises(ConfigError, match="k1 in the loss has zero expected gradient"):
+        config(task, tmp_path, beta=0.1, kl_in="loss", kl_estimator="k1")
+    config(task, tmp_path, beta=0.0, kl_in="loss", kl_estimator="k1")  # no KL term: nothing to refuse
 
 
 def test_off_policy_updates_use_ratio_clipping(task, tmp_path):
