@@ -104,6 +104,14 @@ def test_micro_batch_size_does_not_change_the_update(task, tmp_path, loss_agg):
     a, b = weights(tmp_path / "big"), weights(tmp_path / "small")
     # Adam amplifies float summation-order noise a little; a wrong normaliser moves weights by ~lr.
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    # Adam hides a constant factor in the gradient; the logged (pre-clipping) gradient norm does not
+    big, small = (
+        read_metrics(tmp_path / "big" / "metrics.jsonl"),
+        read_metrics(tmp_path / "small" / "metrics.jsonl"),
+    )
+    for x, y in zip(big, small, strict=True):
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-7)
 
 
 @pytest.mark.parametrize(
