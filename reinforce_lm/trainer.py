@@ -8,9 +8,11 @@ accumulation, clipping, checkpoints, metrics and Ctrl-C. It reads top to bottom.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import signal
+import sys
 import time
 from typing import Protocol
 
@@ -95,10 +97,12 @@ def split(batch: Batch, index: torch.Tensor, parts: int) -> list[Batch]:
 
 
 class GracefulInterrupt:
-    """First Ctrl-C asks the loop to stop after the current step (and checkpoint); the second is immediate."""
+    """First Ctrl-C asks the loop to stop after the current step (and checkpoint); the second is immediate.
+    An exception (not a second Ctrl-C) calls `on_error` on its way out, to save what can be saved."""
 
-    def __init__(self):
+    def __init__(self, on_error=None):
         self.requested = False
+        self.on_error = on_error
 
     def __enter__(self):
         self.previous = signal.getsignal(signal.SIGINT)
@@ -114,9 +118,15 @@ class GracefulInterrupt:
         self.requested = True
         print("\nCtrl-C: finishing this step and writing a checkpoint (Ctrl-C again to abort)", flush=True)
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
+        if exc_type is not None and issubclass(exc_type, Exception) and self.on_error is not None:
+            try:
+                self.on_error()
+            except Exception as err:  # the original error matters more than this one
+                print(f"could not save a checkpoint after the error: {err!r}", file=sys.stderr)
+        return False
 
 
 def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
@@ -135,13 +145,20 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
         stage.load_state_dict(state["stage"])
         start = state["step"]
 
-    def save(step: int):
+    # What a checkpoint of the last finished step holds, taken before this step changes any of it. An
+    # error before this step's first optimiser update (a reward function or judge that raises, an OOM)
+    # leaves the weights and optimiser as that step left them: save them, so --resume loses nothing. One
+    # process only: a failed rank cannot join the others in a collective save.
+    safe: dict = {"step": start, "saved": start}
+
+    def save(step: int, rng: dict | None = None, stage_state: dict | None = None):
+        safe["saved"] = step
         full = {name: saveable(m) for name, m, _ in groups}  # collective under FSDP: gathers shards
         state = {
             "optimizers": [optimizer_state(m, o) for (_, m, _), o in zip(groups, optimizers, strict=True)],
             "schedulers": [s.state_dict() for s in schedulers],
-            "rng": checkpoint.rng_state(),
-            "stage": stage.state_dict(),
+            "rng": rng if rng is not None else checkpoint.rng_state(),
+            "stage": stage_state if stage_state is not None else stage.state_dict(),
             "world_size": d.world_size,
         }
         path = None
@@ -159,9 +176,18 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
     modules = [m for _, m, _ in groups]
     amp = functools.partial(autocast, d.device, cfg.mixed_precision)  # bf16 forwards, fp32 master weights
     step, last_saved, interrupted = start, None, False
-    with GracefulInterrupt() as interrupt:
+
+    def save_on_error():
+        if safe["step"] in (None, safe["saved"]) or d.world_size > 1:
+            return
+        path = save(safe["step"], safe["rng"], safe["stage"])
+        print(f"error in step {safe['step'] + 1}: the state after step {safe['step']} is saved at {path}; "
+              "fix the cause and pass --resume to continue from it", file=sys.stderr)  # fmt: skip
+
+    with GracefulInterrupt(save_on_error) as interrupt:
         for step in range(start + 1, cfg.steps + 1):
             t_step = time.perf_counter()
+            safe.update(step=step - 1, rng=checkpoint.rng_state(), stage=copy.deepcopy(stage.state_dict()))
             with amp():  # rollouts and old log-probs at the precision the update will see
                 batch, metrics = stage.collect(step - 1)
             t_update = time.perf_counter()
@@ -197,8 +223,10 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
                         key = "grad_norm" if name == "policy" else f"grad_norm_{name}"
                         sums[key] = sums.get(key, 0.0) + as_float(gn)
                         opt.step()
+                        safe["step"] = None  # weights changed: mid-step until the step ends
                         opt.zero_grad(set_to_none=True)
                     n_updates += 1
+            metrics["lr"] = schedulers[0].get_last_lr()[0]  # the rate this step used
             for s in schedulers:
                 s.step()
             # Loss metrics are per-process shares of the global value: one all-reduce sums them all.
@@ -207,7 +235,6 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
             totals = d.reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.double)).tolist()
             metrics.update({k: v / n_updates for k, v in zip(keys, totals, strict=True)})
             metrics.update({k: v / n_updates for k, v in sums.items() if k.startswith("grad_norm")})
-            metrics["lr"] = schedulers[0].get_last_lr()[0]
             metrics["backward_seconds"] = time.perf_counter() - t_update
             metrics["step_seconds"] = time.perf_counter() - t_step
             if "completion_tokens" in metrics:

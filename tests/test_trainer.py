@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from reinforce_lm import checkpoint, cli, distributed, toy
 from reinforce_lm.config import TrainConfig
-from reinforce_lm.errors import ConfigError
+from reinforce_lm.errors import ConfigError, RewardError
 from reinforce_lm.files import write_jsonl
 from reinforce_lm.metrics import read_metrics
 from reinforce_lm.models import resolve_model_path
@@ -133,6 +133,54 @@ def test_k1_in_the_loss_is_refused(task, tmp_path):
 def test_off_policy_updates_use_ratio_clipping(task, tmp_path):
     run_train(config(task, tmp_path, steps=2, updates_per_batch=2, minibatches=2))
     assert "clip_fraction" in read_metrics(tmp_path / "metrics.jsonl")[-1]
+
+
+def test_an_error_mid_run_saves_the_last_finished_step_and_resume_is_exact(task, tmp_path, capsys):
+    """A reward function that raises in step 3 (a judge server that went away): the run stops with the
+    error, the state after step 2 is on disk, and --resume ends where an unbroken run ends."""
+    flaky = tmp_path / "flaky.py"
+    flaky.write_text(
+        "from reinforce_lm.toy import letter_reward\n"
+        "calls = 0\n\n"
+        "def flaky(prompts, completions, **kw):\n"
+        "    global calls\n"
+        "    calls += 1\n"
+        "    if calls == 3:\n"
+        "        raise RuntimeError('judge went away')\n"
+        "    return letter_reward(prompts, completions, **kw)\n"
+    )
+    kw = dict(steps=4, estimator="running_mean", beta=0.05, reward=[f"{flaky}:flaky"])
+    with pytest.raises(RewardError, match="judge went away"):
+        run_train(config(task, tmp_path / "part", **kw))
+    assert "the state after step 2 is saved" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "part").glob("checkpoint-*")) == ["checkpoint-2"]
+    run_train(config(task, tmp_path / "part", resume=True, **kw))  # a fresh module: calls start at 0
+    run_train(config(task, tmp_path / "full", steps=4, estimator="running_mean", beta=0.05))
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_error_after_the_first_optimiser_step_of_a_step_saves_nothing(task, tmp_path, monkeypatch):
+    """Mid-step (here: between two minibatch updates of step 3) the weights are neither step 2's nor
+    step 3's: nothing is saved under either name."""
+    calls = []
+    step = torch.optim.AdamW.step
+
+    def failing_step(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 6:  # two updates per step: step 3's second
+            raise RuntimeError("out of memory")
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", failing_step)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_train(config(task, tmp_path, steps=4, minibatches=2))
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_the_logged_learning_rate_is_the_one_the_step_used(task, tmp_path):
+    run_train(config(task, tmp_path, steps=2, lr_schedule="linear"))
+    assert [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl")] == pytest.approx([1e-2, 5e-3])
 
 
 def test_resume_continues_exactly(task, tmp_path):
@@ -334,7 +382,6 @@ def test_hf_generate_backend_and_unseeded_sampling_train(task, tmp_path):
 
 def test_prompts_per_step_must_divide_by_the_processes(task, tmp_path):
     from reinforce_lm.distributed import Dist
-    from reinforce_lm.errors import ConfigError
 
     with pytest.raises(ConfigError, match="prompts_per_step=8 must divide by 3 processes"):
         build_train_stage(config(task, tmp_path), Dist(world_size=3))
