@@ -6,6 +6,7 @@ points (`from reinforce_lm.runner import run_train`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -24,6 +25,7 @@ from reinforce_lm.models import (
     freeze,
     load_causal_lm,
     load_tokenizer,
+    resolve_model_path,
 )
 from reinforce_lm.rewards import build_rewards
 from reinforce_lm.trainer import fit
@@ -48,6 +50,47 @@ def prepare_output(cfg) -> Path | None:
             "pass --resume to continue it or choose another --output-dir"
         )
     return None
+
+
+def same_vocabulary(path: str, tokenizer) -> bool:
+    """Whether the tokenizer at `path` maps every token to the id that `tokenizer` does."""
+    return load_tokenizer(path).get_vocab() == tokenizer.get_vocab()
+
+
+def check_vocabulary(path: str, tokenizer, what: str, flag: str) -> None:
+    """A model that reads the policy's token ids (the reference, a critic) must share its tokenizer."""
+    if not same_vocabulary(path, tokenizer):
+        raise ConfigError(
+            f"{flag} {path}: its tokenizer differs from the policy's, but the {what} reads the policy's "
+            "token ids; use a model with the policy's tokenizer"
+        )
+
+
+def context_length(path: str) -> int | None:
+    """Positions the model at `path` covers, from its config (None where the config does not say)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(path))
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_to_context(cfg, key: str, path: str, d, reserve: int = 0):
+    """`cfg` with `key` lowered so that `key` + `reserve` tokens fit the model's positions. Past them,
+    models with learned positions (GPT-2, OPT) fail with an index error and rotary ones degrade."""
+    ctx = context_length(path)
+    if ctx is None or getattr(cfg, key) + reserve <= ctx:
+        return cfg
+    if reserve >= ctx:
+        raise ConfigError(f"max_new_tokens={reserve} leaves no room for a prompt: {path} has {ctx} positions")
+    if d.is_main:
+        print(f"note: {key} lowered from {getattr(cfg, key)} to {ctx - reserve} tokens: {path} has {ctx} "
+              f"positions" + (f" and max_new_tokens is {reserve}" if reserve else ""))  # fmt: skip
+    return dataclasses.replace(cfg, **{key: ctx - reserve})
 
 
 def load_policy(cfg, d, init_path: str, resume=None):
@@ -83,6 +126,11 @@ def build_train_stage(cfg, d, resume=None):
     if cfg.prompts_per_step % d.world_size:  # all K samples of a prompt stay on one process
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must divide by {d.world_size} processes")
     tokenizer = load_tokenizer(cfg.model)
+    cfg = fit_to_context(cfg, "max_prompt_length", cfg.model, d, reserve=cfg.max_new_tokens)
+    if cfg.beta > 0 and cfg.ref_model and cfg.ref_model != cfg.model:
+        check_vocabulary(cfg.ref_model, tokenizer, "reference", "--ref-model")
+    if cfg.algorithm == "ppo" and cfg.critic_model:
+        check_vocabulary(cfg.critic_model, tokenizer, "critic", "--critic-model")
     prompts = load_prompts(cfg.prompts, tokenizer, cfg.prompt_column, cfg.messages_column)
     eval_prompts = None
     if cfg.eval_prompts:
@@ -170,6 +218,7 @@ def evaluate(cfg, d):
     from reinforce_lm.stages.reinforce import evaluate_policy
 
     tokenizer = load_tokenizer(cfg.model)
+    cfg = fit_to_context(cfg, "max_prompt_length", cfg.model, d, reserve=cfg.max_new_tokens)
     prompts = load_prompts(cfg.prompts, tokenizer, cfg.prompt_column, cfg.messages_column)
     rewards = build_rewards(cfg.reward, cfg.reward_model, cfg.reward_weights or None, device=str(d.device))
     rewards.check(prompts.columns)

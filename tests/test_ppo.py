@@ -103,3 +103,24 @@ def test_critic_is_checkpointed_and_resumed(task):
     ra = [r["reward_mean"] for r in read_metrics(out / "metrics.jsonl")]
     rb = [r["reward_mean"] for r in read_metrics(straight / "metrics.jsonl")]
     assert ra[-1] == pytest.approx(rb[-1])
+
+
+def test_the_critic_starts_from_the_reward_model_only_if_it_shares_the_policy_tokenizer(task, tmp_path):
+    """The critic reads the policy's token ids: a reward model with its own tokenizer (allowed for
+    scoring, which decodes text) cannot be its backbone, so the policy is."""
+    from types import SimpleNamespace
+
+    from reinforce_lm.models import load_tokenizer
+    from reinforce_lm.stages.ppo import critic_source
+
+    policy_tok = load_tokenizer(str(task / "model"))
+    same = toy.save_tiny_model(tmp_path / "same", arch="gpt2")  # the toy tokenizer, another model
+    other, other_tok = tmp_path / "other", toy.make_tokenizer("xyz0123456789 ?")
+    toy.make_model("llama", other_tok).save_pretrained(other)
+    other_tok.save_pretrained(other)
+    cfg = SimpleNamespace(model=str(task / "model"), critic_model="", reward_model=[str(same)])
+    assert critic_source(cfg, policy_tok) == str(same)
+    cfg.reward_model = [str(other)]
+    assert critic_source(cfg, policy_tok) == str(task / "model")
+    cfg.critic_model = "chosen"
+    assert critic_source(cfg, policy_tok) == "chosen"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -181,6 +182,39 @@ def test_an_error_after_the_first_optimiser_step_of_a_step_saves_nothing(task, t
 def test_the_logged_learning_rate_is_the_one_the_step_used(task, tmp_path):
     run_train(config(task, tmp_path, steps=2, lr_schedule="linear"))
     assert [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl")] == pytest.approx([1e-2, 5e-3])
+
+
+def _short_gpt2(path, positions: int = 24, alphabet: str = toy.ALPHABET):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = toy.make_tokenizer(alphabet)
+    config = GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=positions, vocab_size=len(tok),
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_prompts_are_cut_to_fit_the_model_context(tmp_path, capsys):
+    """A GPT-2 with 24 learned positions, 40-token prompts and 6 new tokens: prompts keep their last 18
+    tokens (a note says so) instead of an index error past the position table."""
+    model = _short_gpt2(tmp_path / "short")
+    write_jsonl(tmp_path / "long.jsonl", [{"prompt": "ab" * 20 + "c?", "letter": "c"}] * 4)
+    cfg = TrainConfig(model=str(model), prompts=str(tmp_path / "long.jsonl"), reward=[REWARD], steps=1,
+                      samples_per_prompt=2, prompts_per_step=2, max_new_tokens=6, beta=0.05,
+                      output_dir=str(tmp_path / "o"), progress=False)  # fmt: skip
+    assert run_train(cfg) == 0
+    assert "max_prompt_length lowered from 512 to 18 tokens" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="max_new_tokens=24 leaves no room for a prompt"):
+        run_train(dataclasses.replace(cfg, max_new_tokens=24, output_dir=str(tmp_path / "o2")))
+
+
+def test_a_reference_or_critic_with_another_tokenizer_is_refused(task, tmp_path):
+    other = _short_gpt2(tmp_path / "other", positions=64, alphabet="xyz0123456789 ?")
+    with pytest.raises(ConfigError, match="--ref-model .*tokenizer differs from the policy's"):
+        run_train(config(task, tmp_path / "a", beta=0.05, ref_model=str(other)))
+    with pytest.raises(ConfigError, match="--critic-model .*tokenizer differs from the policy's"):
+        run_train(config(task, tmp_path / "b", algorithm="ppo", critic_model=str(other)))
 
 
 def test_resume_continues_exactly(task, tmp_path):

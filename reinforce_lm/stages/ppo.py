@@ -101,9 +101,16 @@ def load_critic(path: str, dtype: str = "float32", device="cpu") -> Critic:
     return critic.to(device)
 
 
-def critic_source(cfg) -> str:
-    """Where a new critic starts: --critic-model, else the first reward model, else the policy."""
-    return cfg.critic_model or (cfg.reward_model[0] if cfg.reward_model else cfg.model)
+def critic_source(cfg, tokenizer) -> str:
+    """Where a new critic starts: --critic-model, else the first reward model if it shares the policy's
+    tokenizer (the critic reads the policy's token ids), else the policy."""
+    from reinforce_lm.runner import same_vocabulary
+
+    if cfg.critic_model:
+        return cfg.critic_model
+    if cfg.reward_model and same_vocabulary(cfg.reward_model[0], tokenizer):
+        return cfg.reward_model[0]
+    return cfg.model
 
 
 class PPOStage:
@@ -184,7 +191,7 @@ class PPOStage:
 
 def build_ppo_stage(cfg, policy, tokenizer, reference, rewards, prompts, d, eval_prompts=None, resume=None):
     """PPOStage for `run_train`: the critic from `resume/critic` when resuming, else `critic_source`."""
-    source = critic_source(cfg)
+    source = critic_source(cfg, tokenizer)
     if resume is not None:
         source = Path(resume) / "critic"
         if not (source / VALUE_HEAD_FILE).is_file():

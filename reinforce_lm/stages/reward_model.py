@@ -177,9 +177,11 @@ def load_preference_splits(cfg: RewardConfig, tokenizer) -> tuple[list[dict], li
 def build_reward_stage(cfg: RewardConfig, d: Dist, resume=None) -> RewardStage:
     """Tokenizer, preference pairs (errors before any model is loaded), a one-label scorer -> the stage."""
     from reinforce_lm.models import disable_dropout, enable_activation_checkpointing, load_tokenizer
+    from reinforce_lm.runner import fit_to_context
 
     source = str(resume) if resume else cfg.model
     tokenizer = load_tokenizer(source, padding_side="right")
+    cfg = fit_to_context(cfg, "max_length", cfg.model, d)
     train, held_out = load_preference_splits(cfg, tokenizer)
     cfg = resolve_eval_every(cfg, len(train))
     if d.is_main:

@@ -154,9 +154,10 @@ def resolve_eval_every(cfg, n_train: int):
 def build_sft_stage(cfg: SFTConfig, d: Dist, resume=None) -> SFTStage:
     """Tokenizer, data (errors before any model is loaded), policy -> the SFT stage."""
     from reinforce_lm.models import load_tokenizer
-    from reinforce_lm.runner import load_policy
+    from reinforce_lm.runner import fit_to_context, load_policy
 
     tokenizer = load_tokenizer(str(resume) if resume else cfg.model)
+    cfg = fit_to_context(cfg, "max_length", cfg.model, d)
     train, held_out = load_sft_splits(cfg, tokenizer)
     cfg = resolve_eval_every(cfg, len(train))
     if d.is_main:
