@@ -6,6 +6,7 @@ said as such, for JSON/Parquet/`datasets`), so every later error can name the fi
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -48,26 +49,44 @@ def read_rows(path) -> Rows:
     return Rows(rows, sources)
 
 
+def _read_text(path: Path) -> str:
+    """The file's text as UTF-8. `utf-8-sig` also drops a leading byte-order mark (Excel's CSVs, some
+    editors' JSONL), which would otherwise stick to the first key. Other encodings are a DataError at the
+    first bad byte: found in the raw bytes, as text-mode reading only knows the chunk it decodes."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        start = data.rfind(b"\n", 0, err.start) + 1
+        line = data.count(b"\n", 0, err.start) + 1
+        column = len(data[start : err.start].decode("utf-8-sig")) + 1  # in characters, like JSON's errors
+        raise DataError(
+            f"{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x} at column {column}); "
+            "re-save the file as UTF-8"
+        ) from None
+
+
 def _read_jsonl(path: Path):
     rows, sources = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-            sources.append(f"{path}:{lineno}")
+    # Split on "\n" only: str.splitlines would also split on characters that JSON strings may hold raw.
+    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
+        line = line.rstrip("\r")  # without the line end, a truncated line's error column is on this line
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+        sources.append(f"{path}:{lineno}")
     return rows, sources
 
 
 def _read_json(path: Path):
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
         hint = " (one object per line? name the file .jsonl)" if err.msg == "Extra data" else ""
         raise DataError(
@@ -83,17 +102,23 @@ def _read_json(path: Path):
 
 def _read_csv(path: Path):
     rows, sources = [], []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            # line_num is the line where this record ends (records may span lines inside quotes).
-            if None in row:
-                raise DataError(
-                    f"{path}:{reader.line_num}: more fields than the header's "
-                    f"{len(reader.fieldnames)} columns {reader.fieldnames}"
-                )
-            rows.append(row)
-            sources.append(f"{path}:{reader.line_num}")
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    for row in reader:
+        # line_num is the line where this record ends (records may span lines inside quotes).
+        if None in row:
+            raise DataError(
+                f"{path}:{reader.line_num}: more fields than the header's "
+                f"{len(reader.fieldnames)} columns {reader.fieldnames}"
+            )
+        # DictReader fills a short row's missing fields with None (an empty field is ""): a cut-off
+        # row, not a value, which a reward function would otherwise receive as None.
+        if missing := [k for k, v in row.items() if v is None]:
+            raise DataError(
+                f"{path}:{reader.line_num}: fewer fields than the header's {len(reader.fieldnames)} "
+                f"columns {reader.fieldnames}; no value for {missing}"
+            )
+        rows.append(row)
+        sources.append(f"{path}:{reader.line_num}")
     return rows, sources
 
 
@@ -132,5 +157,5 @@ def write_jsonl(path, rows: list[dict]) -> Path:
     """Write `rows` as JSON Lines (the format `read_rows` reads first), creating parent directories."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -43,7 +43,7 @@ def load_reward_function(spec: str) -> Callable:
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module  # so dataclasses, pickling and relative lookups inside it work
         try:
-            module_spec.loader.exec_module(module)
+            _exec_beside(module_spec, module, str(path.resolve().parent))
         except Exception as err:
             del sys.modules[name]
             raise RewardError(
@@ -70,6 +70,21 @@ def load_reward_function(spec: str) -> Callable:
     if not callable(fn):
         raise RewardError(f"reward {spec!r}: {attr!r} is a {type(fn).__name__}, not a function")
     return fn
+
+
+def _exec_beside(module_spec, module, folder: str) -> None:
+    """Run a reward file as `python file.py` would, with its folder first on sys.path, so that it can
+    `import helpers` from a file beside it. The folder then stays on sys.path, but last (where absent
+    before): helpers imported lazily, inside the reward function, resolve at call time too, and a folder
+    beside the reward file never shadows an installed package that is imported later (`datasets`, say)."""
+    was_there = folder in sys.path
+    sys.path.insert(0, folder)
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)  # the first occurrence: the one inserted above
+        if not was_there:
+            sys.path.append(folder)
 
 
 class RewardModel:
@@ -136,6 +151,11 @@ def _shorten(text, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
+def _sample(i: int, sources) -> str:
+    """Sample i as an error names it, with where its prompt came from when known: sample 3 (p.jsonl:17)."""
+    return f"sample {i}" if sources is None else f"sample {i} ({sources[i]})"
+
+
 def _where_raised(err: BaseException) -> str:
     frames = traceback.extract_tb(err.__traceback__)
     return f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
@@ -180,13 +200,17 @@ class RewardSet:
         """Everything for a function with **kwargs, else only the keywords it names."""
         return everything if params is None else {k: v for k, v in everything.items() if k in params[0]}
 
-    def __call__(self, prompts, completions, completion_ids=None, columns=None):
-        """Score B completions: (weighted sum [B] float32, {name: raw scores [B] float32})."""
+    def __call__(self, prompts, completions, completion_ids=None, columns=None, sources=None):
+        """Score B completions: (weighted sum [B] float32, {name: raw scores [B] float32}).
+
+        `sources[i]`, where sample i's prompt came from ("prompts.jsonl:17"), is named in errors."""
         columns = dict(columns or {})
         n = len(completions)
         for key, values in columns.items():
             if len(values) != n:
                 raise RewardError(f"column {key!r} has {len(values)} values for {n} completions")
+        if sources is not None and len(sources) != n:
+            raise RewardError(f"got {len(sources)} sources for {n} completions")
         self.check(columns)
         everything = {**columns, "prompts": list(prompts), "completions": list(completions)}
         everything["completion_ids"] = completion_ids  # a column cannot shadow these three
@@ -195,30 +219,50 @@ class RewardSet:
             try:
                 out = fn(**self._kwargs(params, everything))
             except Exception as err:
-                raise self._blame(name, fn, params, everything, err) from err
-            raw[name] = self._validate(name, out, n)  # [B]
+                raise self._blame(name, fn, params, everything, err, sources) from err
+            raw[name] = self._validate(name, out, n, sources)  # [B]
             total += weight * raw[name]
         return total, raw
 
-    def _blame(self, name: str, fn: Callable, params, everything: dict, err: Exception) -> RewardError:
-        """Find the first sample that makes `fn` raise on its own, for an error that names it."""
-        for i in range(len(everything["completions"])):
-            one = {k: (None if v is None else v[i : i + 1]) for k, v in everything.items()}
+    def _blame(self, name: str, fn: Callable, params, everything: dict, err: Exception, sources):
+        """Bisect the batch for a sample that makes `fn` raise on its own, for an error that names it.
+        Only a half that raises is searched further: at most 2*log2(B) more calls, not one per sample,
+        as a reward may be a paid or rate-limited judge."""
+
+        def error_on(lo: int, hi: int) -> Exception | None:
+            part = {k: (None if v is None else v[lo:hi]) for k, v in everything.items()}
             try:
-                fn(**self._kwargs(params, one))
-            except Exception as sample_err:
-                return RewardError(
-                    f"reward {name!r} raised on sample {i} (prompt {_shorten(one['prompts'][0])}, "
-                    f"completion {_shorten(one['completions'][0])}): "
-                    f"{type(sample_err).__name__}: {sample_err}{_where_raised(sample_err)}"
-                )
+                fn(**self._kwargs(params, part))
+            except Exception as part_err:
+                return part_err
+            return None
+
+        n = len(everything["completions"])
+        lo, hi = 0, n
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            for a, b in ((lo, mid), (mid, hi)):
+                if (part_err := error_on(a, b)) is not None:
+                    lo, hi, err = a, b, part_err
+                    break
+            else:
+                break  # samples lo..hi-1 raise together, neither half alone
+        if hi - lo == 1:
+            source = "" if sources is None else f"{sources[lo]}, "
+            return RewardError(
+                f"reward {name!r} raised on sample {lo} ({source}"
+                f"prompt {_shorten(everything['prompts'][lo])}, "
+                f"completion {_shorten(everything['completions'][lo])}): "
+                f"{type(err).__name__}: {err}{_where_raised(err)}"
+            )
         return RewardError(
-            f"reward {name!r} raised on the batch of {len(everything['completions'])} (but on no sample "
-            f"alone): {type(err).__name__}: {err}{_where_raised(err)}"
+            f"reward {name!r} raised on the batch of {n}, but no single sample could be blamed "
+            f"(samples {lo}..{hi - 1} raise together, but no half of them alone): "
+            f"{type(err).__name__}: {err}{_where_raised(err)}"
         )
 
     @staticmethod
-    def _validate(name: str, out, n: int) -> torch.Tensor:
+    def _validate(name: str, out, n: int, sources=None) -> torch.Tensor:
         """Check a reward function's output: n finite numbers (int, float, bool, numpy/torch scalars)."""
         if isinstance(out, torch.Tensor) or hasattr(out, "__array__"):
             out = out.tolist() if getattr(out, "ndim", 1) == 1 else out
@@ -235,18 +279,45 @@ class RewardSet:
             if isinstance(value, torch.Tensor) and value.numel() == 1 or getattr(value, "ndim", None) == 0:
                 value = value.item()
             if not isinstance(value, numbers.Real):
-                raise RewardError(f"reward {name!r} returned a non-number for sample {i}: {_shorten(value)}")
+                raise RewardError(
+                    f"reward {name!r} returned a non-number for {_sample(i, sources)}: {_shorten(value)}"
+                )
             if not math.isfinite(value):
-                raise RewardError(f"reward {name!r} returned {value} for sample {i}; scores must be finite")
+                raise RewardError(
+                    f"reward {name!r} returned {value} for {_sample(i, sources)}; scores must be finite"
+                )
             scores.append(float(value))
         return torch.tensor(scores, dtype=torch.float32)
 
 
+def _as_list(value) -> list:
+    """One reward (a string, a path or a callable) where a list is expected is a list of one: a string
+    must not become one reward per character."""
+    if value is None:
+        return []
+    if isinstance(value, (str, Path)) or callable(value):
+        return [value]
+    return list(value)
+
+
+def _function(spec) -> tuple[str, Callable]:
+    """(name, function) from a `file.py:func` / `module:func` string or a callable (named by __name__)."""
+    if isinstance(spec, str):
+        return spec.rpartition(":")[2], load_reward_function(spec)
+    if callable(spec):
+        return getattr(spec, "__name__", None) or type(spec).__name__, spec
+    raise RewardError(
+        f"reward {spec!r}: expected FILE.py:FUNCTION, module:FUNCTION or a callable, "
+        f"got {type(spec).__name__}"
+    )
+
+
 def build_rewards(
-    reward_specs: list[str], reward_model_paths: list[str], weights: list[float] | None = None, device="cpu"
+    reward_specs, reward_model_paths, weights: list[float] | None = None, device="cpu"
 ) -> RewardSet:
-    """Reward functions (specs) then reward models (paths), with one weight each (1.0 by default)."""
-    reward_specs, reward_model_paths = list(reward_specs or []), list(reward_model_paths or [])
+    """Reward functions (`file.py:func` / `module:func` strings or callables), then reward models (paths),
+    with one weight each (1.0 by default). A single string or callable stands for a list of one."""
+    reward_specs, reward_model_paths = _as_list(reward_specs), _as_list(reward_model_paths)
     n = len(reward_specs) + len(reward_model_paths)
     if n == 0:
         raise RewardError("no reward given: pass --reward FILE.py:FUNCTION and/or --reward-model DIR")
@@ -256,7 +327,7 @@ def build_rewards(
             f"got {len(weights)} reward weights for {n} rewards ({len(reward_specs)} functions "
             f"{reward_specs} then {len(reward_model_paths)} reward models {reward_model_paths})"
         )
-    fns = [(spec.rpartition(":")[2], load_reward_function(spec)) for spec in reward_specs]
+    fns = [_function(spec) for spec in reward_specs]
     fns += [(m.name, m) for m in (RewardModel(p, device=device) for p in reward_model_paths)]
     entries, seen = [], {}
     for (name, fn), weight in zip(fns, weights, strict=True):

@@ -76,12 +76,22 @@ def test_jsonl_blank_lines_skipped_and_line_numbers_kept(tmp_path):
 @pytest.mark.parametrize(
     "name, content, match",
     [
-        ("p.jsonl", '{"prompt": "a"}\n{"prompt": \n', r"p\.jsonl:2: invalid JSON"),
+        # The column is where the value is missing, not column 1 of a line after the newline.
+        (
+            "p.jsonl",
+            '{"prompt": "a"}\n{"prompt": \n',
+            r"p\.jsonl:2: invalid JSON \(Expecting value at column 12\)",
+        ),
         ("p.jsonl", '{"prompt": "a"}\n\n[1, 2]\n', r"p\.jsonl:3: expected a JSON object, got list"),
         ("p.json", '{"prompt": "a"}\n{"prompt": "b"}\n', r"p\.json:2: invalid JSON.*\.jsonl"),
         ("p.json", '{"prompt": "a"}', r"p\.json: expected a JSON list"),
         ("p.json", '[{"prompt": "a"}, 3]', r"p\.json: row index 1: expected a JSON object"),
         ("p.csv", "prompt,x\na,1\nb,2,3\n", r"p\.csv:3: more fields"),
+        (
+            "p.csv",
+            "prompt,x,y\na,1,2\nb,2\n",
+            r"p\.csv:3: fewer fields than the header's 3 .*no value for \['y'\]",
+        ),
         ("p.jsonl", "", r"p\.jsonl: the file is empty"),
         ("p.jsonl", "\n\n", r"p\.jsonl: no rows"),
         ("p.txt", "hello", r"p\.txt: unknown file type '\.txt'"),
@@ -92,6 +102,38 @@ def test_unreadable_files(tmp_path, name, content, match):
     (tmp_path / name).write_text(content)
     with pytest.raises(DataError, match=match):
         read_rows(tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        (
+            "p.jsonl",
+            '{"prompt": "a"}\n\n{"prompt": "caf\xe9"}\n',
+            r"p\.jsonl:3: not UTF-8 \(byte 0xe9 at column 16\)",
+        ),
+        (
+            "p.json",
+            '[{"prompt": "a"},\n {"prompt": "\xe9"}]',
+            r"p\.json:2: not UTF-8 \(byte 0xe9 at column 14\)",
+        ),
+        ("p.csv", "prompt\na\n\xe9t\xe9\n", r"p\.csv:3: not UTF-8 \(byte 0xe9 at column 1\); re-save"),
+    ],
+)
+def test_not_utf8_names_file_line_and_byte(tmp_path, name, content, match):
+    (tmp_path / name).write_bytes(content.encode("latin-1"))
+    with pytest.raises(DataError, match=match):
+        read_rows(tmp_path / name)
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    """Excel and some editors start UTF-8 files with a byte-order mark; it is not part of the first key."""
+    bom = "\ufeff"
+    (tmp_path / "p.csv").write_text(bom + "prompt,answer\r\ncafé?,4\r\n", encoding="utf-8")
+    (tmp_path / "p.jsonl").write_text(bom + '{"prompt": "café?", "answer": "4"}\n', encoding="utf-8")
+    (tmp_path / "p.json").write_text(bom + '[{"prompt": "café?", "answer": "4"}]', encoding="utf-8")
+    for name in ("p.csv", "p.jsonl", "p.json"):
+        assert list(read_rows(tmp_path / name)) == [{"prompt": "café?", "answer": "4"}], name
 
 
 def test_missing_file_and_bad_directory(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import uuid
 
 import numpy as np
 import pytest
@@ -37,6 +39,26 @@ def test_load_from_file_and_from_module(tmp_path):
     )
     assert load_reward_function(f"{path2}:length")(PROMPTS, COMPLETIONS) == [0.0] * 3
     assert load_reward_function(f"{path}:length")(PROMPTS, COMPLETIONS) == [3, 2, 3]
+
+
+def test_reward_file_imports_modules_next_to_it(tmp_path, monkeypatch):
+    """As `python my_rewards.py` would: a helper next to the file imports, at load time and lazily."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # restored after the test
+    eager, lazy = (f"helper_{uuid.uuid4().hex[:8]}" for _ in range(2))  # sys.modules outlives the test
+    (tmp_path / f"{eager}.py").write_text("def double(c):\n    return 2 * len(c)\n")
+    (tmp_path / f"{lazy}.py").write_text("def one(c):\n    return 1\n")
+    path = write_reward_file(
+        tmp_path,
+        f"from {eager} import double\n\ndef score(prompts, completions, **kw):\n"
+        f"    from {lazy} import one\n    return [double(c) + one(c) for c in completions]\n",
+    )
+    try:
+        fn = load_reward_function(f"{path}:score")
+        assert fn(PROMPTS, COMPLETIONS) == [7, 5, 7]
+    finally:
+        sys.modules.pop(eager, None)
+        sys.modules.pop(lazy, None)
+    assert sys.path[0] != str(tmp_path)  # not left ahead of installed packages
 
 
 def test_load_errors(tmp_path):
@@ -134,9 +156,41 @@ def test_raising_reward_names_the_sample():
         return [0.0]
 
     with pytest.raises(
-        RewardError, match=r"raised on the batch of 3 \(but on no sample alone\): RuntimeError"
+        RewardError,
+        match=r"raised on the batch of 3, but no single sample could be blamed "
+        r"\(samples 1\.\.2 raise together.*\): RuntimeError: too many",
     ):
         RewardSet([("batch_only", batch_only, 1.0)])(PROMPTS, COMPLETIONS)
+
+
+def test_blame_bisects_in_few_calls_and_names_the_source():
+    """A judge API may be paid or rate-limited: finding the culprit must not cost one call per sample."""
+    calls = []
+
+    def judge(prompts, completions, **kw):
+        calls.append(len(completions))
+        if "bad" in completions:
+            raise ValueError("cannot parse")
+        return [1.0] * len(completions)
+
+    prompts, completions = [f"q{i}" for i in range(64)], ["ok"] * 64
+    completions[45] = "bad"
+    sources = [f"p.jsonl:{i + 1}" for i in range(64)]
+    with pytest.raises(
+        RewardError,
+        match=r"reward 'judge' raised on sample 45 \(p\.jsonl:46, prompt 'q45', completion 'bad'\): "
+        r"ValueError: cannot parse",
+    ):
+        RewardSet([("judge", judge, 1.0)])(prompts, completions, sources=sources)
+    assert calls[0] == 64 and len(calls) <= 1 + 2 * 6  # the batch, then two halves per halving at most
+
+
+def test_score_errors_name_the_source():
+    rs = RewardSet([("nan", lambda completions, **kw: [0.0, math.nan, 0.0], 1.0)])
+    with pytest.raises(RewardError, match=r"returned nan for sample 1 \(b\.csv:3\)"):
+        rs(PROMPTS, COMPLETIONS, sources=["b.csv:2", "b.csv:3", "b.csv:4"])
+    with pytest.raises(RewardError, match=r"2 sources for 3 completions"):
+        rs(PROMPTS, COMPLETIONS, sources=["b.csv:2", "b.csv:3"])
 
 
 @pytest.mark.parametrize(
@@ -253,3 +307,33 @@ def test_build_rewards(tmp_path, reward_model_dir):
         build_rewards([], [], None)
     with pytest.raises(RewardError, match=r"got 1 reward weights for 2 rewards"):
         build_rewards(["reinforce_lm.toy:letter_reward"], [str(reward_model_dir)], weights=[1.0])
+    # One string where a list is expected: one reward, not one per character.
+    rs = build_rewards("reinforce_lm.toy:letter_reward", str(reward_model_dir), None)
+    assert rs.names[0] == "letter_reward" and rs.names[1].startswith("reward_model:")
+
+
+def test_build_rewards_accepts_callables():
+    """The Python API (and TRL users) pass reward functions themselves; they are named by __name__."""
+
+    def const(completions, **kwargs):
+        return [0.5] * len(completions)
+
+    class Judge:
+        def __call__(self, completions, **kwargs):
+            raise RuntimeError("judge down")
+
+    rs = build_rewards(
+        [const, "reinforce_lm.toy:letter_reward", lambda completions, **kw: [1.0] * len(completions)],
+        [],
+        [1.0, 1.0, 2.0],
+    )
+    assert rs.names == ["const", "letter_reward", "<lambda>"]
+    total, _ = rs(PROMPTS, COMPLETIONS, columns={"letter": list("abc")})
+    assert total.tolist() == pytest.approx([3.5, 3.0, 2.5])
+    assert build_rewards(const, [], None).names == ["const"]
+    with pytest.raises(RewardError, match=r"reward 'Judge' raised on sample 0 .*judge down"):
+        build_rewards([Judge()], [], None)(PROMPTS, COMPLETIONS)
+    with pytest.raises(
+        RewardError, match=r"reward 3: expected FILE\.py:FUNCTION, module:FUNCTION or a callable, got int"
+    ):
+        build_rewards([3], [], None)

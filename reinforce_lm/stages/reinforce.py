@@ -78,8 +78,10 @@ class ReinforceStage:
     def load_state_dict(self, state: dict) -> None:
         self.running_mean.load_state_dict(state["running_mean"])
 
-    def score(self, r: Rollout, columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        total, parts = self.rewards(r.prompts, r.completions, r.completion_ids(), columns)
+    def score(
+        self, r: Rollout, columns: dict[str, list], sources: list[str]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        total, parts = self.rewards(r.prompts, r.completions, r.completion_ids(), columns, sources)
         if self.cfg.reward_clip:
             total = total.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
         return total.to(r.response_mask.device), parts
@@ -101,6 +103,7 @@ class ReinforceStage:
         idx = step_indices(len(self.prompts), step, cfg.prompts_per_step, d.rank, d.world_size, cfg.seed)
         texts = [self.prompts.texts[i] for i in idx.tolist()]
         columns = self._columns(self.prompts, idx, K)
+        sources = [self.prompts.sources[i] for i in idx.tolist() for _ in range(K)]  # named in reward errors
         policy = unwrap(self.policy)
 
         t0 = time.perf_counter()
@@ -109,10 +112,12 @@ class ReinforceStage:
         if greedy_baseline:  # ReMax: the greedy completion's score is the baseline
             greedy = self.sampler.sample(policy, texts, positions, 1, greedy=True)
         t1 = time.perf_counter()
-        scores, parts = self.score(r, columns)
+        scores, parts = self.score(r, columns, sources)
         baseline = None
         if greedy is not None:
-            baseline = self.score(greedy, self._columns(self.prompts, idx, 1))[0].repeat_interleave(K)
+            greedy_sources = [self.prompts.sources[i] for i in idx.tolist()]
+            baseline = self.score(greedy, self._columns(self.prompts, idx, 1), greedy_sources)[0]
+            baseline = baseline.repeat_interleave(K)
         t2 = time.perf_counter()
 
         mask, T = r.response_mask, r.response_ids.shape[1]
@@ -268,7 +273,7 @@ def evaluate_policy(
         cols = {name: [col[i] for i in chunk] for name, col in data.columns.items()}
         g = torch.tensor(chunk)
         r = sampler.sample(policy, texts, g, 1, row_seeds(seed, -1, g, 1), greedy=greedy)
-        s, _ = rewards(r.prompts, r.completions, r.completion_ids(), cols)
+        s, _ = rewards(r.prompts, r.completions, r.completion_ids(), cols, [data.sources[i] for i in chunk])
         if weight:  # a stand-in chunk (this rank ran out of prompts) is sampled but not counted
             total += s.double().sum()
             rows += list(zip(r.prompts, r.completions, s.tolist(), strict=True))
