@@ -5,6 +5,10 @@ last complete one always loads with `from_pretrained`), extra trained models in 
 PPO critic), and `trainer_state.pt` (optimisers, schedulers, RNG states, data position, baseline).
 It is written to a temporary directory and renamed into place; `OUT/latest` names the newest one and
 is itself replaced atomically. A crash or Ctrl-C mid-write leaves the previous checkpoint intact.
+
+A `checkpoint-N` without `trainer_state.pt` (written last) is incomplete: only outside damage makes one
+(a partial copy or rsync). It is never resumed from, loaded by `--model OUT`, counted or deleted by the
+rotation: it may be a copy still in progress, so removing it is left to its owner.
 """
 
 from __future__ import annotations
@@ -38,8 +42,28 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def _open_up(tmp: Path) -> None:
+    """Give a temporary checkpoint the modes a plain `mkdir`/`open` would: `mkdtemp` makes it 0700 and
+    transformers writes `model.safetensors` 0600, so teammates and inference servers on a shared file
+    system could not read it. The rename keeps modes, so this happens before it."""
+    mask = _umask()
+    tmp.chmod(0o777 & ~mask)
+    for root, dirs, files in os.walk(tmp):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would survive the rename
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
@@ -70,6 +94,7 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save({**state, "step": step}, tmp / STATE_FILE)
+        _open_up(tmp)
         if final.exists():  # the same step saved twice (e.g. Ctrl-C right after a save)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -77,28 +102,33 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _write_text_atomic(out / "latest", final.name)
-    for old in list_checkpoints(out)[:-keep]:
+    # Only complete checkpoints count, and the one just written always stays (even when an older run
+    # left a higher step number behind), so an incomplete leftover can never cost a complete one.
+    others = [p for p in list_checkpoints(out) if p != final]
+    for old in others[: max(len(others) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in `output_dir`, oldest first."""
+    """Complete checkpoints (those with `trainer_state.pt`) in `output_dir`, oldest first."""
     out = Path(output_dir)
     if not out.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint `OUT/latest` names, else the newest complete one, else None. Resume and
+    `--model OUT` both read this, so they always agree on which checkpoint a run stands for."""
     out = Path(output_dir)
     pointer = out / "latest"
     if pointer.is_file():
         path = out / pointer.read_text().strip()
         if (path / STATE_FILE).is_file():
             return path
-    done = [p for p in list_checkpoints(out) if (p / STATE_FILE).is_file()]
+    done = list_checkpoints(out)
     return done[-1] if done else None
 
 

@@ -4,6 +4,7 @@ Per-token log-probs of chosen tokens are in `logprobs.py`."""
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 from functools import cache
@@ -11,29 +12,100 @@ from pathlib import Path
 
 import torch
 
+from reinforce_lm.checkpoint import STATE_FILE, latest_checkpoint
 from reinforce_lm.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What some tokenizer class reads: fast (tokenizer.json), BPE (vocab.json), WordPiece (vocab.txt),
+# SentencePiece (*.model), tiktoken; tokenizer_config.json alone can name a hub tokenizer.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "*.model",
+    "*.tiktoken",
+)
 
 
 def resolve_model_path(path: str) -> str:
-    """A run's output directory stands for its latest checkpoint; anything else is passed through."""
+    """A local model directory, a run's output directory (its latest complete checkpoint) or a hub id.
+
+    Anything that cannot be a hub id ("name" or "org/name") or whose first part exists here is taken as
+    local, so a typo in `runs/sft` fails at once, naming near misses, instead of retrying the hub.
+    """
     p = Path(path).expanduser()
-    if p.is_dir() and (p / "latest").is_file():
-        return str(p / (p / "latest").read_text().strip())
-    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or path.endswith("/")
-    if looks_local and not p.exists():  # a hub id is "name" or "org/name"
-        raise ConfigError(f"model directory {path} does not exist")
-    return str(p) if p.exists() else path
+    if p.is_dir() and _is_run_dir(p):
+        found = latest_checkpoint(p)
+        if found is None:
+            raise ConfigError(
+                f"{path} is a run's output directory but holds no complete checkpoint (a checkpoint-N "
+                f"directory with {STATE_FILE}); `latest` names a missing or incomplete one"
+            )
+        p = found
+    elif not p.exists():  # a hub id is "name" or "org/name" and starts with neither "." nor "/"
+        looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or path.endswith("/")
+        if looks_local or ("/" in path and Path(path.split("/")[0]).is_dir()):
+            raise ConfigError(f"model directory {path} does not exist{_near_misses(p)}")
+        return path  # a hub id
+    _check_model_dir(path, p)
+    return str(p)
+
+
+def _is_run_dir(p: Path) -> bool:
+    """`latest` marks a run's output directory (even a model directory reused as one); checkpoint-N
+    directories without config.json do too (a run whose `latest` was lost)."""
+    if (p / "latest").is_file():
+        return True
+    return not (p / "config.json").is_file() and any(c.is_dir() for c in p.glob("checkpoint-*"))
+
+
+def _near_misses(p: Path) -> str:
+    """' (runs/ exists; did you mean runs/sft?)': the deepest part of `p` that exists and its entries
+    closest to the next part of the path."""
+    base = next((a for a in p.parents if a.is_dir()), None)
+    if base is None:
+        return ""
+    wanted = p.relative_to(base).parts[0]
+    try:
+        names = sorted(c.name for c in base.iterdir() if c.is_dir())
+    except OSError:
+        names = []
+    close = [str(base / n) for n in difflib.get_close_matches(wanted, names, n=3)]
+    notes = [] if base == Path(".") else [f"{str(base).rstrip('/')}/ exists"]
+    if close:
+        notes.append(f"did you mean {' or '.join(close)}?")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
+def _check_model_dir(path: str, p: Path) -> None:
+    """transformers says "sentencepiece or tiktoken" about a directory without a model; name what is
+    missing instead. A PEFT adapter directory (adapter_config.json) loads through its base model."""
+    if p.is_file():
+        raise ConfigError(f"{path} is a file; a model is a directory (config.json, weights) or a hub id")
+    if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        held = sorted(c.name for c in p.iterdir())
+        what = f"it holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''}" if held else "it is empty"
+        raise ConfigError(
+            f"{path}: no config.json: not a model directory ({what}); a run's output directory holds a "
+            "model only after its first checkpoint"
+        )
 
 
 def load_tokenizer(path: str, padding_side: str = "left"):
     """The model's own tokenizer; a missing pad token falls back to EOS (common for decoder-only LMs)."""
     from transformers import AutoTokenizer
 
+    resolved = resolve_model_path(path)
     try:
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
-    except OSError as e:
+        tok = AutoTokenizer.from_pretrained(resolved)
+    except (OSError, ValueError) as e:
+        local = Path(resolved)  # transformers' message for a missing tokenizer is about sentencepiece
+        if local.is_dir() and not any(next(local.glob(f), None) for f in _TOKENIZER_FILES):
+            raise ConfigError(
+                f"{resolved} holds a model but no tokenizer (tokenizer.json, tokenizer_config.json, ...); "
+                "save the tokenizer there too, e.g. copy those files from the model it was trained from"
+            ) from None
         raise ConfigError(f"cannot load a tokenizer from {path!r}: {e}") from None
     if tok.pad_token is None:
         if tok.eos_token is None:
@@ -47,9 +119,10 @@ def load_causal_lm(path: str, dtype: str = "float32", device: torch.device | str
     """`AutoModelForCausalLM` from a local directory or hub id, in `dtype`, on `device`."""
     from transformers import AutoModelForCausalLM
 
+    resolved = resolve_model_path(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=DTYPES[dtype])
-    except OSError as e:
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as e:  # ValueError: e.g. a config.json without a known model_type
         raise ConfigError(f"cannot load a causal LM from {path!r}: {e}") from None
     return model.to(device)
 

@@ -3,10 +3,13 @@ direct float32 computation, whether the batch goes in one chunk or several."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
 from reinforce_lm import logprobs, models
+from reinforce_lm.errors import ConfigError
 
 
 @pytest.mark.parametrize("elements", [1 << 24, 50])  # one chunk; chunks of 1 row (3 x 17 = 51 > 50)
@@ -266,3 +269,67 @@ def test_logprobs_of_a_sliced_logits_view_backpropagate_into_the_full_tensor():
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(grad_got, grad_want)
     assert grad_got[:, :2].abs().max() == 0 and grad_got[:, -1].abs().max() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Model paths: a local typo fails at once, and a directory without a model says what is missing.
+# ---------------------------------------------------------------------------------------------
+def test_a_missing_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "sft").mkdir(parents=True)
+    with pytest.raises(
+        ConfigError, match=r"runs/sftt does not exist \(runs/ exists; did you mean runs/sft\?\)"
+    ):
+        models.resolve_model_path("runs/sftt")  # "org/name"-shaped, but runs/ is a local directory
+    for path in ("./sftt", "../nowhere/x", "/nowhere/x", "~/nowhere/x", "a/b/c", "org/"):
+        with pytest.raises(ConfigError, match="does not exist"):
+            models.resolve_model_path(path)
+    # hub ids pass through untouched (only transformers can tell whether they exist)
+    assert models.resolve_model_path("org/name") == "org/name"
+    assert models.resolve_model_path("gpt2") == "gpt2"
+
+
+@pytest.mark.parametrize("kind", ["empty", "tokenizer only", "run without a checkpoint", "a file"])
+@pytest.mark.parametrize("load", [models.load_tokenizer, models.load_causal_lm])
+def test_a_local_directory_without_a_model_is_named(tmp_path, llama_dir, kind, load):
+    path = tmp_path / "m"
+    path.mkdir()
+    if kind == "tokenizer only":
+        shutil.copy(llama_dir / "tokenizer.json", path)
+        shutil.copy(llama_dir / "tokenizer_config.json", path)
+    elif kind == "run without a checkpoint":  # a run that crashed before its first checkpoint
+        (path / "run_config.json").write_text("{}")
+        (path / "metrics.jsonl").write_text("")
+    elif kind == "a file":
+        path = llama_dir / "config.json"
+    with pytest.raises(ConfigError, match="is a file" if kind == "a file" else "no config.json") as e:
+        load(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_a_model_without_a_tokenizer_is_named(tmp_path, llama_dir):
+    path = tmp_path / "m"
+    path.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(llama_dir / name, path)
+    models.load_causal_lm(str(path))
+    with pytest.raises(ConfigError, match="holds a model but no tokenizer"):
+        models.load_tokenizer(str(path))
+
+
+def test_a_run_directory_stands_for_its_newest_complete_checkpoint(tmp_path, llama_dir):
+    """`--model OUT` follows `latest` only to a complete checkpoint, as resume does."""
+    from reinforce_lm.checkpoint import STATE_FILE
+
+    run = tmp_path / "run"
+    shutil.copytree(llama_dir, run / "checkpoint-2")
+    (run / "checkpoint-2" / STATE_FILE).write_bytes(b"")
+    (run / "checkpoint-400").mkdir()  # a partial copy: no trainer state
+    shutil.copy(llama_dir / "config.json", run / "checkpoint-400")
+    for latest in ("checkpoint-400", "checkpoint-999"):
+        (run / "latest").write_text(latest)
+        assert models.resolve_model_path(str(run)) == str(run / "checkpoint-2")
+    models.load_tokenizer(str(run))
+    shutil.rmtree(run / "checkpoint-2")
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        models.resolve_model_path(str(run))

@@ -89,7 +89,7 @@ def load_critic(path: str, dtype: str = "float32", device="cpu") -> Critic:
     path = resolve_model_path(str(path))
     try:
         backbone = AutoModel.from_pretrained(path, dtype=DTYPES[dtype])
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: e.g. an unknown model_type
         raise ConfigError(f"cannot load a critic backbone from {path!r}: {e}") from None
     critic = Critic(disable_dropout(backbone))
     head = Path(path) / VALUE_HEAD_FILE
