@@ -38,7 +38,7 @@ def _f(default: Any, help: str, **kw) -> Any:
 def _choice(cfg, name: str, choices) -> None:
     value = getattr(cfg, name)
     if value not in choices:
-        near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        near = difflib.get_close_matches(str(value).lower(), [str(c) for c in choices], n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}{hint}")
 
@@ -48,8 +48,46 @@ def _positive(cfg, *names: str, allow_zero: bool = False) -> None:
         value = getattr(cfg, name)
         if value is None:
             continue
-        if value < 0 or (value == 0 and not allow_zero):
+        if not (value > 0 or (allow_zero and value == 0)):  # also refuses NaN
             raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _device(cfg) -> None:
+    """A device torch knows and this machine has: a typo or a missing GPU is an error here, not a
+    traceback from deep inside torch once the models are loading."""
+    import torch
+
+    if cfg.device == "auto":
+        return
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        raise ConfigError(f"device={cfg.device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={cfg.device!r} but CUDA is not available here (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={cfg.device!r} but this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def _rewards(cfg) -> None:
+    """`reward` and `reward_model` are lists; from Python a single one may be given as is. Functions are
+    FILE.py:FUNCTION / module:FUNCTION strings or (from Python) callables; reward models are paths."""
+    cfg.reward = [] if cfg.reward is None else cfg.reward  # `reward:` left empty in a YAML file
+    cfg.reward_model = [] if cfg.reward_model is None else cfg.reward_model
+    if isinstance(cfg.reward, str) or callable(cfg.reward):
+        cfg.reward = [cfg.reward]
+    if isinstance(cfg.reward_model, str):
+        cfg.reward_model = [cfg.reward_model]
+    for i, r in enumerate(cfg.reward):
+        if not (isinstance(r, str) or callable(r)):
+            raise ConfigError(
+                f"reward[{i}] = {r!r}: expected FILE.py:FUNCTION, module:FUNCTION or a callable"
+            )
+    for i, r in enumerate(cfg.reward_model):
+        if not isinstance(r, str):
+            raise ConfigError(f"reward_model[{i}] = {r!r}: expected a directory or hub id")
+    if not cfg.reward and not cfg.reward_model:
+        raise ConfigError("no reward: pass --reward FILE.py:FUNC and/or --reward-model DIR")
 
 
 @dataclass
@@ -96,6 +134,7 @@ class EngineConfig:
         _choice(self, "mixed_precision", ("no", "bf16"))
         _positive(self, "lora_r", "lora_dropout", allow_zero=True)
         _positive(self, "lora_alpha")
+        _device(self)
         if self.lora_r and self.fsdp:
             raise ConfigError("lora_r with fsdp is not supported yet: LoRA runs replicate (DDP) instead")
 
@@ -163,9 +202,10 @@ class TrainConfig(EngineConfig):
         super().__post_init__()
         if not self.prompts:
             raise ConfigError("prompts is required: pass --prompts FILE")
-        if not self.reward and not self.reward_model:
-            raise ConfigError("no reward: pass --reward FILE.py:FUNC and/or --reward-model DIR")
+        _rewards(self)
         _choice(self, "algorithm", ("reinforce", "ppo"))
+        if self.estimator == "ppo":
+            raise ConfigError("ppo is an algorithm, not an estimator: pass --algorithm ppo")
         _choice(self, "estimator", ESTIMATORS)
         _choice(self, "kl_estimator", ("k1", "k2", "k3"))
         _choice(self, "kl_in", ("reward", "loss"))
@@ -304,6 +344,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.model or not self.prompts:
             raise ConfigError("eval needs --model and --prompts")
-        if not self.reward and not self.reward_model:
-            raise ConfigError("no reward: pass --reward FILE.py:FUNC and/or --reward-model DIR")
-        _positive(self, "max_new_tokens", "temperature")
+        _rewards(self)
+        _positive(self, "max_new_tokens", "max_prompt_length", "temperature")
+        _positive(self, "top_k", "show", allow_zero=True)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        _choice(self, "dtype", ("float32", "bfloat16", "float16"))
+        _device(self)

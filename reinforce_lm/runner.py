@@ -80,14 +80,16 @@ def context_length(path: str) -> int | None:
 
 
 def fit_to_context(cfg, key: str, path: str, d, reserve: int = 0):
-    """`cfg` with `key` lowered so that `key` + `reserve` tokens fit the model's positions. Past them,
-    models with learned positions (GPT-2, OPT) fail with an index error and rotary ones degrade."""
+    """`cfg` with `key` lowered so that `key` + `reserve` tokens fit the model's positions (with a note
+    where the value was set, not defaulted). Past them, models with learned positions (GPT-2, OPT) fail
+    with an index error and rotary ones degrade."""
     ctx = context_length(path)
     if ctx is None or getattr(cfg, key) + reserve <= ctx:
         return cfg
     if reserve >= ctx:
         raise ConfigError(f"max_new_tokens={reserve} leaves no room for a prompt: {path} has {ctx} positions")
-    if d.is_main:
+    default = {f.name: f.default for f in dataclasses.fields(cfg)}.get(key)
+    if d.is_main and getattr(cfg, key) != default:  # a default that does not fit is fitted quietly
         print(f"note: {key} lowered from {getattr(cfg, key)} to {ctx - reserve} tokens: {path} has {ctx} "
               f"positions" + (f" and max_new_tokens is {reserve}" if reserve else ""))  # fmt: skip
     return dataclasses.replace(cfg, **{key: ctx - reserve})

@@ -202,9 +202,9 @@ def test_prompts_are_cut_to_fit_the_model_context(tmp_path, capsys):
     write_jsonl(tmp_path / "long.jsonl", [{"prompt": "ab" * 20 + "c?", "letter": "c"}] * 4)
     cfg = TrainConfig(model=str(model), prompts=str(tmp_path / "long.jsonl"), reward=[REWARD], steps=1,
                       samples_per_prompt=2, prompts_per_step=2, max_new_tokens=6, beta=0.05,
-                      output_dir=str(tmp_path / "o"), progress=False)  # fmt: skip
+                      max_prompt_length=100, output_dir=str(tmp_path / "o"), progress=False)  # fmt: skip
     assert run_train(cfg) == 0
-    assert "max_prompt_length lowered from 512 to 18 tokens" in capsys.readouterr().out
+    assert "max_prompt_length lowered from 100 to 18 tokens" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="max_new_tokens=24 leaves no room for a prompt"):
         run_train(dataclasses.replace(cfg, max_new_tokens=24, output_dir=str(tmp_path / "o2")))
 
@@ -342,6 +342,53 @@ def test_bad_values_are_rejected(task):
     with pytest.raises(Exception, match="samples_per_prompt"):
         config(task, Path("x"), estimator="grpo", samples_per_prompt=1)
     config(task, Path("x"), algorithm="ppo", samples_per_prompt=1)  # PPO's critic is its baseline
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(estimator="GRPO"), "did you mean 'grpo'"),
+        (dict(estimator="ppo"), "pass --algorithm ppo"),
+        (dict(lr=float("nan")), "lr must be > 0, got nan"),
+        (dict(device="tpuu"), "not a device"),
+        (dict(reward=[3]), r"reward\[0\] = 3: expected FILE.py:FUNCTION"),
+        (dict(reward=None), "no reward"),
+    ],
+)
+def test_bad_options_name_the_option(task, kw, message):
+    with pytest.raises(ConfigError, match=message):
+        config(task, Path("x"), **kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_missing_gpu_is_a_config_error(task):
+    from reinforce_lm.config import EvalConfig
+
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        config(task, Path("x"), device="cuda")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        EvalConfig(model="m", prompts="p", reward=[REWARD], device="cuda:0")
+
+
+def test_eval_options_are_checked():
+    from reinforce_lm.config import EvalConfig
+
+    for kw, message in [
+        (dict(top_p=5.0), "top_p"),
+        (dict(top_k=-3), "top_k must be >= 0"),
+        (dict(dtype="float64"), "dtype='float64' is not one of"),
+        (dict(max_prompt_length=0), "max_prompt_length must be > 0"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            EvalConfig(model="m", prompts="p", reward=[REWARD], **kw)
+
+
+def test_a_single_reward_or_a_callable_from_python(task, tmp_path, capsys):
+    """From Python a reward may be one string, or a function object (as TRL takes them)."""
+    cfg = config(task, tmp_path / "a", reward=REWARD, steps=1)
+    assert cfg.reward == [REWARD]
+    assert run_train(config(task, tmp_path / "b", reward=[toy.letter_reward], steps=1)) == 0
+    assert "rewards: letter_reward" in capsys.readouterr().out
 
 
 def test_demo_runs(tmp_path, capsys):
