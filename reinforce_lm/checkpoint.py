@@ -110,6 +110,11 @@ def save_checkpoint(
     return final
 
 
+def step_of(path: str | Path) -> int:
+    """The step a `checkpoint-N` directory holds."""
+    return int(_NAME.match(Path(path).name).group(1))
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints (those with `trainer_state.pt`) in `output_dir`, oldest first."""
     out = Path(output_dir)

@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, help, _) in COMMANDS.items():
         add_config_flags(sub.add_parser(name, help=help, description=help), cls)
-    demo = sub.add_parser("demo", help="Train a tiny local model on a built-in task and show reward rising.")
+    about = "Train a tiny local model on a built-in task and show reward rising."
+    demo = sub.add_parser(
+        "demo", help=about, description=about + " SFT, reward model, then RLOO; no download."
+    )
     demo.add_argument("--output-dir", default=None, help="Keep the demo's files here (default: a temp dir).")
     demo.add_argument("--steps", type=int, default=None, help="RL steps (default: the demo's own).")
     demo.add_argument("--seed", type=int, default=0)

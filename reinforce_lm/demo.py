@@ -7,6 +7,7 @@ and prints the reward curve and held-out reward before and after.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -14,7 +15,9 @@ from pathlib import Path
 import torch
 
 from reinforce_lm import toy
+from reinforce_lm.checkpoint import latest_checkpoint
 from reinforce_lm.config import TrainConfig
+from reinforce_lm.errors import ConfigError
 from reinforce_lm.files import write_jsonl
 from reinforce_lm.metrics import read_metrics
 
@@ -44,7 +47,16 @@ def run_demo(output_dir: str | None = None, steps: int | None = None, seed: int 
     torch.set_num_threads(1)  # tiny models: one thread beats two (and leaves a core for the tokenizer)
     root = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="reinforce-lm-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    steps = steps or 100
+    steps = 100 if steps is None else steps
+    if steps < 1:
+        raise ConfigError(f"demo steps must be > 0, got {steps}")
+    settings, stamp = {"steps": steps, "seed": seed}, root / "demo.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) != settings:  # its runs resume, not restart
+        raise ConfigError(
+            f"{root} holds a demo with {json.loads(stamp.read_text())}, not {settings}; "
+            "pass those settings or another --output-dir"
+        )
+    stamp.write_text(json.dumps(settings))
     base = root / "base"
     if not (base / "config.json").exists():
         toy.save_tiny_model(base, arch="llama", seed=seed, hidden=64)
@@ -55,7 +67,10 @@ def run_demo(output_dir: str | None = None, steps: int | None = None, seed: int 
         "held_out": write_jsonl(root / "held_out.jsonl", toy.letter_prompts(100, seed + 3)),
     }
     print("demo: a tiny Llama learns to answer 'c?' with c's (reward: share of c's), no download")
-    common = dict(seed=seed, progress=False, resume=True)
+    common = dict(seed=seed, progress=False)
+
+    def resume(run: str) -> bool:  # a second demo in the same directory picks up its finished runs
+        return latest_checkpoint(root / run) is not None
 
     print("\n[1/4] SFT on demonstrations (a few steps: a weak start leaves RL something to do)")
     run_sft(
@@ -63,6 +78,7 @@ def run_demo(output_dir: str | None = None, steps: int | None = None, seed: int 
             model=str(base),
             data=str(files["sft"]),
             output_dir=str(root / "sft"),
+            resume=resume("sft"),
             steps=max(2, steps // 25),
             lr=3e-3,
             batch_size=16,
@@ -75,6 +91,7 @@ def run_demo(output_dir: str | None = None, steps: int | None = None, seed: int 
             model=str(root / "sft"),
             data=str(files["pairs"]),
             output_dir=str(root / "rm"),
+            resume=resume("rm"),
             steps=max(2, steps // 2),
             lr=1e-3,
             batch_size=32,
@@ -96,7 +113,13 @@ def run_demo(output_dir: str | None = None, steps: int | None = None, seed: int 
     )
     print("[3/4] REINFORCE (RLOO) against the verifiable reward")
     run_train(
-        TrainConfig(model=str(root / "sft"), reward=[REWARD], output_dir=str(root / "rl_verifiable"), **rl)
+        TrainConfig(
+            model=str(root / "sft"),
+            reward=[REWARD],
+            output_dir=str(root / "rl_verifiable"),
+            resume=resume("rl_verifiable"),
+            **rl,
+        )
     )
     print("[4/4] REINFORCE (RLOO) against the learned reward model")
     run_train(
@@ -104,6 +127,7 @@ def run_demo(output_dir: str | None = None, steps: int | None = None, seed: int 
             model=str(root / "sft"),
             reward_model=[str(root / "rm")],
             output_dir=str(root / "rl_reward_model"),
+            resume=resume("rl_reward_model"),
             **rl,
         )
     )

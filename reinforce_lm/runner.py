@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from reinforce_lm.models import (
     freeze,
     load_causal_lm,
     load_tokenizer,
+    positions,
     resolve_model_path,
 )
 from reinforce_lm.rewards import build_rewards
@@ -37,12 +39,22 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_output(cfg) -> Path | None:
-    """The checkpoint to resume from, or None; refuses to overwrite a run without --resume."""
+    """The checkpoint to resume from, or None; refuses to overwrite a run without --resume, to resume a
+    different kind of run, or an output directory it cannot write (before any model is loaded)."""
     out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"--output-dir {out}: cannot write there ({err.strerror or err})") from None
     found = checkpoint.latest_checkpoint(out)
     if cfg.resume:
         if found is None:
             print(f"--resume: no checkpoint in {out}, starting from scratch")
+        else:
+            check_same_kind(cfg, out)
         return found
     if found is not None:
         raise ConfigError(
@@ -70,13 +82,7 @@ def context_length(path: str) -> int | None:
     """Positions the model at `path` covers, from its config (None where the config does not say)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(resolve_model_path(path))
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return positions(AutoConfig.from_pretrained(resolve_model_path(path)))
 
 
 def fit_to_context(cfg, key: str, path: str, d, reserve: int = 0):
@@ -93,6 +99,30 @@ def fit_to_context(cfg, key: str, path: str, d, reserve: int = 0):
         print(f"note: {key} lowered from {getattr(cfg, key)} to {ctx - reserve} tokens: {path} has {ctx} "
               f"positions" + (f" and max_new_tokens is {reserve}" if reserve else ""))  # fmt: skip
     return dataclasses.replace(cfg, **{key: ctx - reserve})
+
+
+def _kind(options: dict) -> dict:
+    """What a checkpoint's trainer state is shaped by: resuming with another value cannot load it."""
+    return {"command": options.get("command"), "algorithm": options.get("algorithm"),
+            "lora": bool(options.get("lora_r"))}  # fmt: skip
+
+
+def check_same_kind(cfg, out: Path) -> None:
+    """A resumed run must be the same kind of run (command, algorithm, LoRA or not) as the one saved."""
+    saved_file = out / "run_config.json"
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text())
+    now = _kind({**vars(cfg), "command": type(cfg).__name__})
+    if "command" not in saved:  # written before run_config.json named its command
+        now.pop("command")
+    was = {k: v for k, v in _kind(saved).items() if k in now}
+    if was != now:
+        diff = ", ".join(f"{k}: {was[k]} there, {now[k]} now" for k in now if was[k] != now[k])
+        raise ConfigError(
+            f"--resume: {out} holds another kind of run ({diff}); resume it with the options it was "
+            "started with, or choose another --output-dir"
+        )
 
 
 def load_policy(cfg, d, init_path: str, resume=None):
@@ -172,7 +202,7 @@ def write_run_config(cfg, d) -> None:
     model directory, so that `--model OUT` resolves to its latest checkpoint)."""
     if d.is_main:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        text = json.dumps(vars(cfg), indent=2, default=str)
+        text = json.dumps({**vars(cfg), "command": type(cfg).__name__}, indent=2, default=str)
         (Path(cfg.output_dir) / "run_config.json").write_text(text)
 
 
@@ -195,6 +225,12 @@ def run_stage(cfg, build, use_as: str = "--model") -> int:
     try:
         seed_everything(cfg.seed)
         resume = prepare_output(cfg)
+        done = checkpoint.step_of(resume) if resume is not None else 0
+        if done >= cfg.steps:  # nothing to train; run_config.json keeps describing the model there
+            if d.is_main:
+                print(f"{cfg.output_dir} is already at step {done} (--steps {cfg.steps}): nothing to do; "
+                      f"the model is {resume}")  # fmt: skip
+            return 0
         stage = build(cfg, d, resume)
         cfg = getattr(stage, "cfg", cfg)  # a stage may settle defaults that depend on its data
         write_run_config(cfg, d)

@@ -217,6 +217,24 @@ def test_a_reference_or_critic_with_another_tokenizer_is_refused(task, tmp_path)
         run_train(config(task, tmp_path / "b", algorithm="ppo", critic_model=str(other)))
 
 
+def test_resume_checks_the_run_and_stops_when_it_is_done(task, tmp_path, capsys):
+    run_train(config(task, tmp_path, steps=2))
+    saved = (tmp_path / "run_config.json").read_text()
+    assert run_train(config(task, tmp_path, steps=2, resume=True)) == 0
+    assert "already at step 2 (--steps 2): nothing to do" in capsys.readouterr().out
+    assert (tmp_path / "run_config.json").read_text() == saved  # still describes the model there
+    with pytest.raises(ConfigError, match="another kind of run .algorithm: reinforce there, ppo now"):
+        run_train(config(task, tmp_path, steps=3, resume=True, algorithm="ppo"))
+    with pytest.raises(ConfigError, match="lora: False there, True now"):
+        run_train(config(task, tmp_path, steps=3, resume=True, lora_r=4))
+
+
+def test_an_unwritable_output_dir_fails_before_loading(task, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="--output-dir .*file/out: cannot write there"):
+        run_train(config(task, tmp_path / "file" / "out"))
+
+
 def test_resume_continues_exactly(task, tmp_path):
     run_train(config(task, tmp_path / "full", steps=6, beta=0.05, estimator="running_mean"))
     run_train(config(task, tmp_path / "part", steps=3, beta=0.05, estimator="running_mean"))
@@ -397,6 +415,12 @@ def test_demo_runs(tmp_path, capsys):
     for row in ("base model", "SFT", "RL, verifiable reward", "RL, reward model"):
         assert f"| {row}" in out
     assert (tmp_path / "rl_verifiable" / "latest").is_file()
+    assert "starting from scratch" not in out  # a first demo does not talk about resuming
+    cli.main(["demo", "--output-dir", str(tmp_path), "--steps", "4"])  # again: its runs are done
+    assert "already at step 4" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # other settings: an error, not the old runs' table
+        cli.main(["demo", "--output-dir", str(tmp_path), "--steps", "5"])
+    assert "holds a demo with {'steps': 4, 'seed': 0}" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(os.name != "posix", reason="signals")
