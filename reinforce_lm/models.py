@@ -92,6 +92,16 @@ def _check_model_dir(path: str, p: Path) -> None:
         )
 
 
+def positions(config) -> int | None:
+    """Positions a model's config says it covers (None where it does not say)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_tokenizer(path: str, padding_side: str = "left"):
     """The model's own tokenizer; a missing pad token falls back to EOS (common for decoder-only LMs)."""
     from transformers import AutoTokenizer
@@ -242,7 +252,24 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str,
         raise ConfigError("lora_r > 0 needs peft: pip install 'reinforce-lm[peft]'") from None
     if adapter is not None:
         return PeftModel.from_pretrained(model, adapter, is_trainable=True)
-    targets = target_modules if target_modules == "all-linear" else target_modules.split(",")
+    targets = target_modules
+    if targets != "all-linear":  # peft's own error is a traceback: name the layers the model has instead
+        targets = [t.strip() for t in target_modules.split(",")]
+        names = [n for n, _ in model.named_modules()]
+        if unknown := [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]:
+            kinds = (torch.nn.Linear, torch.nn.Embedding)  # and transformers' Conv1D (GPT-2)
+            layers = sorted(
+                {n.rpartition(".")[2] for n, m in model.named_modules()
+                 if isinstance(m, kinds) or type(m).__name__ == "Conv1D"}
+            )  # fmt: skip
+            hints = [
+                f"{m[0]!r} for {t!r}" for t in unknown if (m := difflib.get_close_matches(t, layers, n=1))
+            ]
+            raise ConfigError(
+                f"lora_target_modules: no module of this model is named {', '.join(map(repr, unknown))}; "
+                f"its layers are {', '.join(layers)}"
+                + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+            )
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
     )

@@ -94,7 +94,7 @@ class RewardModel:
     def __init__(self, path, device="cpu", dtype=None, batch_size: int = 32, max_length: int = 1024):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from reinforce_lm.models import resolve_model_path
+        from reinforce_lm.models import positions, resolve_model_path
 
         self.name = f"reward_model:{Path(str(path)).name}"
         try:
@@ -122,6 +122,8 @@ class RewardModel:
             self.model.config.get_text_config().pad_token_id = pad_id
         self.pad_id = pad_id  # we pad with the model's own id, so its pooling finds the last real token
         self.model.to(device).eval().requires_grad_(False)
+        ctx = positions(self.model.config)  # past them, learned position tables raise an index error
+        max_length = min(max_length, ctx) if ctx else max_length
         self.device, self.batch_size, self.max_length = torch.device(device), batch_size, max_length
         self._warned = False
 

@@ -125,3 +125,11 @@ def test_chunked_head_with_an_adapter_on_the_head(monkeypatch, llama_dir, tokeni
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     torch.testing.assert_close(chunked[0], chunked[1], rtol=0, atol=1e-5)
     assert (chunked[2] - chunked[1]).abs().max() > 1e-2
+
+
+def test_unknown_target_modules_name_the_model_layers(llama_dir):
+    from reinforce_lm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"named 'qproj'; its layers are .*q_proj.*did you mean 'q_proj'"):
+        apply_lora(load_causal_lm(str(llama_dir)), 4, 16.0, 0.0, "qproj,v_proj")
+    apply_lora(load_causal_lm(str(llama_dir)), 4, 16.0, 0.0, "self_attn.q_proj, v_proj")  # suffixes work

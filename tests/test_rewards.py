@@ -337,3 +337,20 @@ def test_build_rewards_accepts_callables():
         RewardError, match=r"reward 3: expected FILE\.py:FUNCTION, module:FUNCTION or a callable, got int"
     ):
         build_rewards([3], [], None)
+
+
+def test_reward_model_cuts_texts_to_its_positions(tmp_path):
+    """A GPT-2 scorer with 24 learned positions and a 60-token text: cut to 24 (with a warning), not an
+    index error past the position table."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    tok = toy.make_tokenizer()
+    config = GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=24, vocab_size=len(tok), num_labels=1,
+                        pad_token_id=tok.pad_token_id)  # fmt: skip
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    rm = RewardModel(str(tmp_path), max_length=1024)
+    assert rm.max_length == 24
+    with pytest.warns(UserWarning, match="longer than 24 tokens are cut"):
+        scores = rm(["ab" * 30], ["c"])
+    assert len(scores) == 1 and math.isfinite(scores[0])
