@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from reinforce_lm.decoder import lean_decoder, preallocate
+from reinforce_lm.errors import DataError
 from reinforce_lm.models import cache_kwarg, forward_kwargs, takes_position_ids
 
 
@@ -218,6 +219,7 @@ class Sampler:
     def _sample(self, model, prompts, group_ids, k: int, row_seed=None, greedy: bool = False) -> Rollout:
         device = next(model.parameters()).device
         ids, mask = self.encode(list(prompts), device)  # [P, Lp]
+        _check_ids(ids, mask, model, prompts)
         was_training = model.training
         model.eval()
         try:
@@ -363,3 +365,22 @@ class Sampler:
         if resp.shape[1] == 0:
             resp = torch.full((ids.shape[0], 1), self.pad_id, device=ids.device)
         return resp
+
+
+def _check_ids(ids: torch.Tensor, mask: torch.Tensor, model, prompts) -> None:
+    """Token ids past the model's embedding (a tokenizer with tokens the model was never resized for)
+    would be an index error deep inside the forward; name the prompt and the token instead."""
+    try:
+        rows = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):  # a model that does not say: its forward will tell
+        return
+    if int(ids.max()) < rows:
+        return
+    bad = (ids >= rows) & mask.bool()  # [P, Lp]
+    if not bad.any():
+        raise DataError(f"the pad token id {int(ids.max())} is past the model's embedding ({rows} rows)")
+    i = int(bad.any(1).nonzero()[0])
+    raise DataError(
+        f"prompt {prompts[i][:60]!r} has token id {int(ids[i][bad[i]][0])}, but the model's embedding has "
+        f"{rows} rows: its tokenizer has tokens the model was not resized for (resize_token_embeddings)"
+    )

@@ -3,6 +3,8 @@ handling, filtering, and the Gumbel-max draw matching softmax."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -169,3 +171,16 @@ def test_sampling_in_chunks_of_whole_groups_gives_the_same_rollout(models):
     assert torch.allclose(parts.logp, whole.logp, atol=1e-5)
     full = token_logprobs(model, parts.input_ids, parts.attention_mask, parts.response_ids.shape[1])
     assert torch.allclose(full * parts.response_mask, parts.logp, atol=1e-4)
+
+
+def test_a_prompt_token_past_the_embedding_is_named(tokenizer):
+    """A tokenizer with more tokens than the model's embedding (never resized): a DataError naming the
+    prompt, not an index error inside the forward."""
+    from reinforce_lm.errors import DataError
+
+    model = toy.make_model("llama", tokenizer)
+    model.resize_token_embeddings(len(tokenizer) - 3)  # the last 3 characters are past the table
+    last = tokenizer.convert_ids_to_tokens(len(tokenizer) - 1)
+    sampler = Sampler(tokenizer, max_new_tokens=2)
+    with pytest.raises(DataError, match=rf"prompt {re.escape(repr('x' + last + '?'))} has token id {len(tokenizer) - 1}"):
+        sampler.sample(model, ["a?", f"x{last}?"], torch.arange(2), 1)

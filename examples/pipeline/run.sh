@@ -12,7 +12,7 @@
 set -euo pipefail
 OUT=${1:-runs/pipeline}
 HERE=$(cd "$(dirname "$0")" && pwd)
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}
 
 "$PYTHON" "$HERE/make_data.py" --out "$OUT/data" --base-model "$OUT/base"
 

@@ -186,7 +186,7 @@ class ReinforceStage:
             "s1": scores.double().sum(),
             "s2": (scores.double() ** 2).sum(),
             "tokens": lengths.sum(),
-            "clipped": (lengths >= self.cfg.max_new_tokens).double().sum(),
+            "truncated": (lengths >= self.cfg.max_new_tokens).double().sum(),
             **{f"reward/{name}": v.double().sum() for name, v in parts.items()},
         }
         if kl is not None:
@@ -209,7 +209,7 @@ class ReinforceStage:
         m.update({k: total[k] / n for k in keys if k.startswith("reward/")})
         if kl is not None:
             m["kl"] = total["kl"] / max(tokens, 1.0)
-        m["clipped_ratio"] = total["clipped"] / n
+        m["truncated_ratio"] = total["truncated"] / n  # completions that hit max_new_tokens
         return m
 
     def loss(self, micro, normalizer):
