@@ -182,5 +182,7 @@ def test_a_prompt_token_past_the_embedding_is_named(tokenizer):
     model.resize_token_embeddings(len(tokenizer) - 3)  # the last 3 characters are past the table
     last = tokenizer.convert_ids_to_tokens(len(tokenizer) - 1)
     sampler = Sampler(tokenizer, max_new_tokens=2)
-    with pytest.raises(DataError, match=rf"prompt {re.escape(repr('x' + last + '?'))} has token id {len(tokenizer) - 1}"):
+    with pytest.raises(
+        DataError, match=rf"prompt {re.escape(repr('x' + last + '?'))} has token id {len(tokenizer) - 1}"
+    ):
         sampler.sample(model, ["a?", f"x{last}?"], torch.arange(2), 1)
