@@ -82,7 +82,10 @@ def context_length(path: str) -> int | None:
     """Positions the model at `path` covers, from its config (None where the config does not say)."""
     from transformers import AutoConfig
 
-    return positions(AutoConfig.from_pretrained(resolve_model_path(path)))
+    try:
+        return positions(AutoConfig.from_pretrained(resolve_model_path(path)))
+    except (OSError, ValueError):  # e.g. a PEFT adapter directory: loading the model will say more
+        return None
 
 
 def fit_to_context(cfg, key: str, path: str, d, reserve: int = 0):
