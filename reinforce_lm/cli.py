@@ -41,6 +41,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
             help_text += " (required)"
         elif f.default is not dataclasses.MISSING and f.default != "":
             help_text += f" [default: {f.default}]"
+        if f.name in getattr(cls, "hidden_flags", ()):
+            help_text = argparse.SUPPRESS
         kw = dict(dest=f.name, help=help_text, default=argparse.SUPPRESS)
         if t is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)

@@ -191,3 +191,14 @@ def test_over_long_pairs_are_reported(tmp_path, llama_dir):
     text = " ".join(str(w.message) for w in record)
     assert re.search(r"1 row\(s\) longer than max_length=12 truncated from the right: .*long.jsonl:4", text)
     assert re.search(r"1 row\(s\) skipped: chosen and rejected are identical .*long.jsonl:5", text)
+
+
+def test_reward_help_hides_the_lora_flags_it_refuses(capsys):
+    from reinforce_lm import cli
+    from reinforce_lm.stages.reward_model import RewardConfig
+
+    with pytest.raises(SystemExit):
+        cli.main(["reward", "--help"])
+    assert "--lora" not in capsys.readouterr().out
+    with pytest.raises(Exception, match="lora_r is not supported by `reward`"):
+        RewardConfig(model="m", data="d.jsonl", lora_r=4)

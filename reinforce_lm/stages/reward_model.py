@@ -11,6 +11,7 @@ centring term coef * (r_c + r_r)^2 (Eisenstein et al. 2023) that keeps scores ne
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -27,6 +28,9 @@ from reinforce_lm.stages.sft import reshard, resolve_eval_every
 @dataclass
 class RewardConfig(EngineConfig):
     """`reinforce-lm reward`: a Bradley-Terry reward model on prompt/chosen/rejected pairs."""
+
+    # Inherited options this command refuses: kept out of `reward --help` (still parsed, to say so).
+    hidden_flags: ClassVar[tuple[str, ...]] = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
     data: str = _f(
         "",
