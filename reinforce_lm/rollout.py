@@ -183,19 +183,22 @@ class Sampler:
         return sorted(i for i in ids if i is not None)
 
     def encode(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompt ids, keeping the last `max_prompt_length` tokens; BOS added once."""
+        """Left-padded prompt ids [P, Lp] and mask, BOS added once; a prompt longer than
+        `max_prompt_length` keeps its last tokens, and its BOS (also one its chat template wrote)."""
         bos = self.tok.bos_token
         add_special = not (bos and all(p.startswith(bos) for p in prompts))
-        self.tok.padding_side, self.tok.truncation_side = "left", "left"
-        enc = self.tok(
-            prompts,
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=self.max_prompt_length,
-            add_special_tokens=add_special,
-        )
-        return enc.input_ids.to(device), enc.attention_mask.to(device)
+        rows = self.tok(prompts, add_special_tokens=add_special)["input_ids"]
+        n, bos_id = self.max_prompt_length, self.tok.bos_token_id
+        rows = [
+            r if len(r) <= n else (r[:1] + r[1 - n :] if n > 1 and r[0] == bos_id else r[-n:]) for r in rows
+        ]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r), 1
+        return ids.to(device), mask.to(device)
 
     @torch.no_grad()
     def sample(self, model, prompts, group_ids, k: int, row_seed=None, greedy: bool = False) -> Rollout:

@@ -186,3 +186,15 @@ def test_a_prompt_token_past_the_embedding_is_named(tokenizer):
         DataError, match=rf"prompt {re.escape(repr('x' + last + '?'))} has token id {len(tokenizer) - 1}"
     ):
         sampler.sample(model, ["a?", f"x{last}?"], torch.arange(2), 1)
+
+
+def test_long_prompts_keep_their_last_tokens_and_their_bos(tokenizer):
+    """--max-prompt-length cuts from the left, but a BOS (here written by a chat template) stays first."""
+    sampler = Sampler(tokenizer, max_new_tokens=2, max_prompt_length=5)
+    bos = tokenizer.bos_token
+    ids, mask = sampler.encode([bos + "abcdefgh?", bos + "ab?"], "cpu")
+    assert tokenizer.convert_ids_to_tokens(ids[0].tolist()) == [bos, "f", "g", "h", "?"]
+    assert tokenizer.convert_ids_to_tokens(ids[1][mask[1].bool()].tolist()) == [bos, "a", "b", "?"]
+    assert mask.tolist() == [[1] * 5, [0, 1, 1, 1, 1]]
+    ids, _ = sampler.encode(["abcdefgh?"], "cpu")  # no BOS: simply the last 5 tokens
+    assert tokenizer.convert_ids_to_tokens(ids[0].tolist()) == ["e", "f", "g", "h", "?"]
