@@ -183,12 +183,19 @@ def compute_advantages(
     return (adv * mask).to(out_dtype).detach()
 
 
+# k3 is exact while it is at most 10 (pi/ref >= 0.0735, log-ratio >= -2.6109: e^x - x - 1 = 10). Below,
+# it continues along its tangent there: a sampled token the policy has made far less likely than the
+# reference keeps a bounded pull back (slope 1 - e^2.6109 = -12.6) instead of none (clamping k3 at 10,
+# as verl and OpenRLHF do) or e^|log-ratio| (no bound: one such token then sets the whole update).
+_K3_KNEE = -2.610868638149876
+
+
 def kl_divergence(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token estimate of KL(pi || ref) from samples of pi, ``[B, T]`` -> ``[B, T]`` (Schulman 2020).
 
     Values: ``k1`` = log(pi/ref) (unbiased, can be negative); ``k2`` = 0.5 log(pi/ref)^2 (biased, low
-    variance); ``k3`` = ref/pi - log(ref/pi) - 1 (unbiased, never negative; its log-ratio is clamped to
-    [-20, 20] first, so exp cannot overflow in float32 or bf16: beyond a ratio of e^20 its gradient is 0).
+    variance); ``k3`` = ref/pi - log(ref/pi) - 1 (unbiased, never negative) while it is at most 10, then
+    linear in the log-ratio (see _K3_KNEE): bounded gradient, no overflow.
 
     Gradients, as a loss term on samples of pi (exact enumeration, tests/test_algorithms.py; Tang & Munos
     2025): ``k2`` gives the gradient of KL(pi || ref), ``k3`` that of the reverse direction KL(ref || pi),
@@ -201,8 +208,9 @@ def kl_divergence(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) ->
         return log_ratio
     if estimator == "k2":
         return 0.5 * log_ratio**2
-    log_ratio = log_ratio.clamp(min=-20, max=20)
-    return torch.exp(-log_ratio) + log_ratio - 1
+    inside = log_ratio.clamp(min=_K3_KNEE)  # = log_ratio where k3 <= 10 (and on the whole upper side)
+    slope = 1 - torch.exp(-inside)
+    return torch.exp(-inside) + inside - 1 + (log_ratio - inside) * slope  # [B, T]
 
 
 def aggregate_loss(

@@ -473,15 +473,20 @@ def test_kl_estimators_by_hand():
     ln2 = math.log(2)
     close(alg.kl_divergence(logp, d, "k1"), [[-ln2, 0, ln2, -20, 20]])
     close(alg.kl_divergence(logp, d, "k2"), [[ln2**2 / 2, 0, ln2**2 / 2, 200, 200]])
-    # exp(d) - d - 1: 2 - ln2 - 1, 0, 0.5 + ln2 - 1, exp(20) - 21, exp(-20) + 19
-    k3 = [[1 - ln2, 0, ln2 - 0.5, math.exp(20) - 21, math.exp(-20) + 19]]
-    close(alg.kl_divergence(logp, d, "k3"), k3, tol=1e-6)
-    # beyond |log-ratio| 20 the log-ratio is clamped: no overflow, no NaN gradient, gradient 0
-    far = torch.tensor([[30.0, -30.0, 100.0, -100.0]], requires_grad=True)  # float32: exp(100) = inf
-    out = alg.kl_divergence(far, torch.zeros(1, 4), "k3")
+    # exp(d) - d - 1 while it is at most 10: 2 - ln2 - 1, 0, 0.5 + ln2 - 1, exp(-20) + 19; at a log-ratio of
+    # -20 (d = 20) it is past 10 and follows the tangent at the knee x0 (k3(x0) = 10, slope 1 - e^-x0)
+    x0 = alg._K3_KNEE
+    assert math.exp(-x0) + x0 - 1 == pytest.approx(10.0)
+    tangent = 10 + (-20 - x0) * (1 - math.exp(-x0))
+    k3 = [[1 - ln2, 0, ln2 - 0.5, tangent, math.exp(-20) + 19]]
+    close(alg.kl_divergence(logp, d, "k3"), k3, tol=1e-9)
+    # float32, far out: no overflow, no NaN; the gradient is 1 - e^-x, bounded by the knee's slope below it
+    far = torch.tensor([[30.0, -30.0, 100.0, -100.0, -2.0]], requires_grad=True)  # exp(100) = inf
+    out = alg.kl_divergence(far, torch.zeros(1, 5), "k3")
     out.sum().backward()
-    close(out.detach(), [[math.exp(-20) + 19, math.exp(20) - 21] * 2], tol=1e-6)
-    assert torch.equal(far.grad, torch.zeros(1, 4))
+    assert torch.isfinite(out).all() and (out >= 0).all()
+    slope = 1 - math.exp(-x0)  # -12.61
+    close(far.grad, [[1.0, slope, 1.0, slope, 1 - math.exp(2.0)]], tol=1e-5)
 
 
 def test_kl_gradients_by_exact_enumeration():
