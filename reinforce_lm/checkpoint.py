@@ -43,9 +43,13 @@ def set_rng_state(state: dict) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
+    try:  # Linux says it without changing it (os.umask would, for every thread, for a moment)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def _open_up(tmp: Path) -> None:
@@ -53,12 +57,15 @@ def _open_up(tmp: Path) -> None:
     transformers writes `model.safetensors` 0600, so teammates and inference servers on a shared file
     system could not read it. The rename keeps modes, so this happens before it."""
     mask = _umask()
-    tmp.chmod(0o777 & ~mask)
-    for root, dirs, files in os.walk(tmp):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), 0o777 & ~mask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    try:
+        tmp.chmod(0o777 & ~mask)
+        for root, dirs, files in os.walk(tmp):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    except OSError:  # a file system without modes (some network or FUSE mounts): the checkpoint matters more
+        pass
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

@@ -5,6 +5,7 @@ said as such, for JSON/Parquet/`datasets`), so every later error can name the fi
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -54,12 +55,13 @@ def _read_text(path: Path) -> str:
     editors' JSONL), which would otherwise stick to the first key. Other encodings are a DataError at the
     first bad byte: found in the raw bytes, as text-mode reading only knows the chunk it decodes."""
     data = path.read_bytes()
+    data = data[len(codecs.BOM_UTF8) :] if data.startswith(codecs.BOM_UTF8) else data  # positions below
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
         start = data.rfind(b"\n", 0, err.start) + 1
         line = data.count(b"\n", 0, err.start) + 1
-        column = len(data[start : err.start].decode("utf-8-sig")) + 1  # in characters, like JSON's errors
+        column = len(data[start : err.start].decode("utf-8", "replace")) + 1  # in characters, like JSON's
         raise DataError(
             f"{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x} at column {column}); "
             "re-save the file as UTF-8"

@@ -98,7 +98,9 @@ def positions(config) -> int | None:
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
-            return value
+            # RoBERTa-family position ids start after the padding index (512 usable of 514)
+            offset = (config.pad_token_id or 0) + 1 if "roberta" in str(config.model_type) else 0
+            return value - offset
     return None
 
 

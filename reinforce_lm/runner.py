@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import random
+import socket
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ def prepare_output(cfg) -> Path | None:
     out = Path(cfg.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
+        probe = out / f".write-test-{socket.gethostname()}-{os.getpid()}"  # ranks may share storage
         probe.touch()
         probe.unlink()
     except OSError as err:
@@ -65,8 +66,13 @@ def prepare_output(cfg) -> Path | None:
 
 
 def same_vocabulary(path: str, tokenizer) -> bool:
-    """Whether the tokenizer at `path` maps every token to the id that `tokenizer` does."""
-    return load_tokenizer(path).get_vocab() == tokenizer.get_vocab()
+    """Whether the tokenizer at `path` maps every token to the id that `tokenizer` does. A model saved
+    without tokenizer files (`save_pretrained` alone) cannot say: it is taken at its word."""
+    try:
+        other = load_tokenizer(path)
+    except ConfigError:
+        return True
+    return other.get_vocab() == tokenizer.get_vocab()
 
 
 def check_vocabulary(path: str, tokenizer, what: str, flag: str) -> None:

@@ -136,6 +136,14 @@ def test_utf8_bom_is_accepted(tmp_path):
         assert list(read_rows(tmp_path / name)) == [{"prompt": "café?", "answer": "4"}], name
 
 
+def test_a_bom_then_bytes_that_are_not_utf8_are_placed_right(tmp_path):
+    """The error position counts from the file's start after the byte-order mark, in characters."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "é"}\n'.encode() + b'{"prompt": "ab\xe9"}\n')
+    with pytest.raises(DataError, match=r"bom.jsonl:2: not UTF-8 \(byte 0xe9 at column 15\)"):
+        read_rows(path)
+
+
 def test_missing_file_and_bad_directory(tmp_path):
     with pytest.raises(DataError, match=r"nope\.jsonl: no such file"):
         read_rows(tmp_path / "nope.jsonl")

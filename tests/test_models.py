@@ -333,3 +333,11 @@ def test_a_run_directory_stands_for_its_newest_complete_checkpoint(tmp_path, lla
     shutil.rmtree(run / "checkpoint-2")
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         models.resolve_model_path(str(run))
+
+
+def test_positions_of_a_config():
+    from transformers import GPT2Config, LlamaConfig, RobertaConfig
+
+    assert models.positions(LlamaConfig(max_position_embeddings=4096)) == 4096
+    assert models.positions(GPT2Config(n_positions=1024)) == 1024
+    assert models.positions(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512  # offset ids

@@ -235,6 +235,31 @@ def test_an_unwritable_output_dir_fails_before_loading(task, tmp_path):
         run_train(config(task, tmp_path / "file" / "out"))
 
 
+def test_a_reference_saved_without_tokenizer_files_is_taken_at_its_word(task, tmp_path):
+    """`model.save_pretrained` alone writes no tokenizer: nothing to compare, so no refusal."""
+    AutoModelForCausalLM.from_pretrained(task / "other").save_pretrained(tmp_path / "bare")
+    assert (
+        run_train(config(task, tmp_path / "run", beta=0.05, ref_model=str(tmp_path / "bare"), steps=1)) == 0
+    )
+
+
+def test_prompts_built_in_python_without_sources(task):
+    """PromptData made by hand has no file lines to name: scoring works without them."""
+    from reinforce_lm.data import PromptData
+    from reinforce_lm.models import load_causal_lm, load_tokenizer
+    from reinforce_lm.rewards import build_rewards
+    from reinforce_lm.rollout import Sampler
+    from reinforce_lm.stages.reinforce import evaluate_policy
+
+    tok = load_tokenizer(str(task / "model"))
+    data = PromptData(texts=["a?", "b?"], columns={"letter": ["a", "b"]})
+    mean, rows = evaluate_policy(
+        load_causal_lm(str(task / "model")), Sampler(tok, max_new_tokens=3), build_rewards([REWARD], []),
+        data, 0, distributed.setup("cpu"),
+    )  # fmt: skip
+    assert len(rows) == 2
+
+
 def test_resume_continues_exactly(task, tmp_path):
     run_train(config(task, tmp_path / "full", steps=6, beta=0.05, estimator="running_mean"))
     run_train(config(task, tmp_path / "part", steps=3, beta=0.05, estimator="running_mean"))

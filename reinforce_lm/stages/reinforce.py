@@ -79,7 +79,7 @@ class ReinforceStage:
         self.running_mean.load_state_dict(state["running_mean"])
 
     def score(
-        self, r: Rollout, columns: dict[str, list], sources: list[str]
+        self, r: Rollout, columns: dict[str, list], sources: list[str] | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, parts = self.rewards(r.prompts, r.completions, r.completion_ids(), columns, sources)
         if self.cfg.reward_clip:
@@ -103,7 +103,8 @@ class ReinforceStage:
         idx = step_indices(len(self.prompts), step, cfg.prompts_per_step, d.rank, d.world_size, cfg.seed)
         texts = [self.prompts.texts[i] for i in idx.tolist()]
         columns = self._columns(self.prompts, idx, K)
-        sources = [self.prompts.sources[i] for i in idx.tolist() for _ in range(K)]  # named in reward errors
+        where = self.prompts.sources  # named in reward errors (empty for prompts built in Python)
+        sources = [where[i] for i in idx.tolist() for _ in range(K)] if where else None
         policy = unwrap(self.policy)
 
         t0 = time.perf_counter()
@@ -115,7 +116,7 @@ class ReinforceStage:
         scores, parts = self.score(r, columns, sources)
         baseline = None
         if greedy is not None:
-            greedy_sources = [self.prompts.sources[i] for i in idx.tolist()]
+            greedy_sources = [where[i] for i in idx.tolist()] if where else None
             baseline = self.score(greedy, self._columns(self.prompts, idx, 1), greedy_sources)[0]
             baseline = baseline.repeat_interleave(K)
         t2 = time.perf_counter()
@@ -273,7 +274,8 @@ def evaluate_policy(
         cols = {name: [col[i] for i in chunk] for name, col in data.columns.items()}
         g = torch.tensor(chunk)
         r = sampler.sample(policy, texts, g, 1, row_seeds(seed, -1, g, 1), greedy=greedy)
-        s, _ = rewards(r.prompts, r.completions, r.completion_ids(), cols, [data.sources[i] for i in chunk])
+        where = [data.sources[i] for i in chunk] if data.sources else None
+        s, _ = rewards(r.prompts, r.completions, r.completion_ids(), cols, where)
         if weight:  # a stand-in chunk (this rank ran out of prompts) is sampled but not counted
             total += s.double().sum()
             rows += list(zip(r.prompts, r.completions, s.tolist(), strict=True))
