@@ -100,6 +100,7 @@ def compute_advantages(
     baseline_rewards: torch.Tensor | None = None,
     gamma: float = 1.0,
     token_rewards: torch.Tensor | None = None,
+    penalty: torch.Tensor | None = None,
     running_mean: RunningMean | None = None,
     eps: float = 1e-6,
     reduce_sum: ReduceSum | None = None,
@@ -121,6 +122,8 @@ def compute_advantages(
     so it stays independent of the sample (a baseline times gamma^(tokens left) would not be). ``grpo`` and
     ``dr_grpo`` first replace r by the normalised score (r - mean_g) / (std_g + eps) (resp. r - mean_g),
     the reward of Shao et al., and then b = 0: std_g scales the score, never the token rewards.
+    ``penalty[B]`` (e.g. -beta times a sequence's KL) is added to r: before the baseline, or for ``grpo``
+    and ``dr_grpo`` after the normalisation, so that it is not divided by std_g either.
 
     Choices where implementations disagree:
     - group of one: no baseline (mean 0, std 1) for every group estimator. Its own reward as baseline
@@ -138,6 +141,10 @@ def compute_advantages(
     r = wide(rewards.detach())  # [B]
     mask = wide(mask.detach())  # [B, T]
     scale = torch.ones_like(r)  # [B]
+    normalised = estimator in ("grpo", "dr_grpo")
+    penalty = None if penalty is None else wide(penalty.detach())  # [B]
+    if penalty is not None and not normalised:
+        r = r + penalty
 
     if estimator in _GROUP_ESTIMATORS:
         if group_ids is None:
@@ -165,11 +172,12 @@ def compute_advantages(
     else:  # none, reinforce_pp
         baseline = torch.zeros_like(r)
 
-    if estimator in ("grpo", "dr_grpo"):
+    if normalised:
         # The papers' normalised score r~ = (r - mean_g) / std_g is the reward: token returns are built
-        # from it, so a token-level KL penalty or discounting is never divided by std_g (a tied group
-        # has std_g = 0, and that would multiply them by 1 / eps).
+        # from it, so a KL penalty or discounting is never divided by std_g (a tied group has std_g = 0,
+        # and that would multiply them by 1 / eps).
         r, baseline, scale = (r - baseline) * scale, torch.zeros_like(r), torch.ones_like(r)
+        r = r if penalty is None else r + penalty
     if token_rewards is not None or estimator.startswith("reinforce_pp"):
         per_token = place_at_last_token(r, mask)  # [B, T]
         if token_rewards is not None:

@@ -161,6 +161,23 @@ def test_a_tied_group_gives_no_score_advantage_and_unscaled_token_rewards():
         torch.testing.assert_close(adv, alg.discounted_returns(kl_penalty, mask, gamma))
 
 
+def test_a_sequence_penalty_is_folded_in_before_baselines_and_after_grpo_normalisation():
+    """penalty[B] (-beta * a sequence's KL): for rloo and the others part of the score their baseline sees;
+    for grpo/dr_grpo added to the normalised score, so a tied group keeps it at its own scale."""
+    penalty = torch.tensor([-0.01, -0.03, 0.0, -0.02, -0.05, -0.04], dtype=F64)
+    for est in ("none", "rloo", "batch_mean", "remax", "reinforce_pp", "reinforce_pp_baseline"):
+        folded = alg.compute_advantages(
+            est, rewards=REWARDS + penalty, mask=MASK, group_ids=GROUPS, baseline_rewards=GREEDY
+        )
+        close(advantages(est, penalty=penalty), folded)
+    close(advantages("grpo", penalty=penalty), advantages("grpo") + penalty[:, None] * MASK)
+    close(advantages("dr_grpo", penalty=penalty), advantages("dr_grpo") + penalty[:, None] * MASK)
+    tied = alg.compute_advantages(
+        "grpo", rewards=torch.ones(4), mask=torch.ones(4, 2), group_ids=torch.zeros(4), penalty=-penalty[:4]
+    )
+    torch.testing.assert_close(tied, (-penalty[:4, None] * torch.ones(4, 2)).float())
+
+
 @pytest.mark.parametrize("estimator", alg.ESTIMATORS)
 def test_every_estimator_is_zero_where_masked_and_detached(estimator):
     rewards = REWARDS.clone().requires_grad_(True)

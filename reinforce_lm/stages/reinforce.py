@@ -150,24 +150,25 @@ class ReinforceStage:
         r, scores, old_logp, ref_logp, baseline = s.rollout, s.scores, s.old_logp, s.ref_logp, s.baseline
         mask, ids, attn = r.response_mask, r.input_ids, r.attention_mask
 
-        rewards, token_rewards, kl = scores, None, None
+        token_rewards, penalty, kl = None, None, None
         if ref_logp is not None and old_logp is not None:
             kl = A.kl_divergence(old_logp, ref_logp, cfg.kl_estimator) * mask  # [B, T]
         if cfg.beta > 0 and cfg.kl_in == "reward":
             if cfg.credit == "token":
                 token_rewards = -cfg.beta * kl
             else:
-                rewards = scores - cfg.beta * kl.sum(1)
+                penalty = -cfg.beta * kl.sum(1)  # [B]
         if cfg.credit == "token" and token_rewards is None:
             token_rewards = torch.zeros_like(mask)
         adv = A.compute_advantages(
             cfg.estimator,
-            rewards=rewards,
+            rewards=scores,
             mask=mask,
             group_ids=r.group_ids,
             baseline_rewards=baseline,
             gamma=cfg.gamma,
             token_rewards=token_rewards,
+            penalty=penalty,
             running_mean=self.running_mean,
             reduce_sum=d.reduce_sum,
         )
