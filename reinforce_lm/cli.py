@@ -101,8 +101,12 @@ def main(argv: list[str] | None = None) -> None:
         module, func = run.split(":")
         code = getattr(importlib.import_module(module), func)(cfg)
     except ReinforceLMError as e:
-        print(f"reinforce-lm {args.command}: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds it: say it once
+            print(f"reinforce-lm {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before training started (imports, loading): nothing to save
+        print(f"reinforce-lm {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
     if code:
         sys.exit(code)
 

@@ -315,6 +315,28 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(task, tmp_path):
     assert checkpoint.load_state(ckpt)["step"] == read_metrics(out / "metrics.jsonl")[-1]["step"]
 
 
+def test_a_config_error_is_printed_by_rank_0_only(task, tmp_path, monkeypatch, capsys):
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit):
+            cli.main([*args(task, tmp_path), "--estimator", "rlooo"])
+        assert ("did you mean 'rloo'" in capsys.readouterr().err) == printed
+
+
+def test_ctrl_c_before_training_exits_130_without_a_traceback(task, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while models load (before the loop's own handler): exit code 130 and one line."""
+    from reinforce_lm import runner
+
+    def loading(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "build_train_stage", loading)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args(task, tmp_path))
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == "reinforce-lm train: interrupted"
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: a clear error that names the file, line, key or sample, before training starts.
 # ---------------------------------------------------------------------------------------------
