@@ -186,8 +186,14 @@ class Sampler:
         """Left-padded prompt ids [P, Lp] and mask, BOS added once; a prompt longer than
         `max_prompt_length` keeps its last tokens, and its BOS (also one its chat template wrote)."""
         bos = self.tok.bos_token
-        add_special = not (bos and all(p.startswith(bos) for p in prompts))
-        rows = self.tok(prompts, add_special_tokens=add_special)["input_ids"]
+        written = [bool(bos) and p.startswith(bos) for p in prompts]  # by a chat template: not twice
+        rows = [None] * len(prompts)
+        for has_bos in (False, True):
+            which = [i for i, w in enumerate(written) if w == has_bos]
+            if which:
+                ids = self.tok([prompts[i] for i in which], add_special_tokens=not has_bos)["input_ids"]
+                for i, r in zip(which, ids, strict=True):
+                    rows[i] = r
         n, bos_id = self.max_prompt_length, self.tok.bos_token_id
         rows = [
             r if len(r) <= n else (r[:1] + r[1 - n :] if n > 1 and r[0] == bos_id else r[-n:]) for r in rows

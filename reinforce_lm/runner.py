@@ -43,6 +43,11 @@ def prepare_output(cfg) -> Path | None:
     """The checkpoint to resume from, or None; refuses to overwrite a run without --resume, to resume a
     different kind of run, or an output directory it cannot write (before any model is loaded)."""
     out = Path(cfg.output_dir)
+    if out.resolve() == Path(cfg.model).expanduser().resolve():
+        raise ConfigError(
+            f"--output-dir {out} is the --model directory: its checkpoints would make --model (and the "
+            "reference) mean the run's latest checkpoint instead of this model; choose another --output-dir"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{socket.gethostname()}-{os.getpid()}"  # ranks may share storage
@@ -110,10 +115,14 @@ def fit_to_context(cfg, key: str, path: str, d, reserve: int = 0):
     return dataclasses.replace(cfg, **{key: ctx - reserve})
 
 
+# What a run's checkpoints depend on: resuming with another value cannot load them (command, algorithm,
+# LoRA rank), would train against another reference (model, ref_model), or would be silently ignored
+# because the schedule resumes from the checkpoint (lr).
+_KIND = ("command", "algorithm", "lora_r", "model", "ref_model", "lr")
+
+
 def _kind(options: dict) -> dict:
-    """What a checkpoint's trainer state is shaped by: resuming with another value cannot load it."""
-    return {"command": options.get("command"), "algorithm": options.get("algorithm"),
-            "lora": bool(options.get("lora_r"))}  # fmt: skip
+    return {k: options.get(k) or None for k in _KIND}
 
 
 def check_same_kind(cfg, out: Path) -> None:
@@ -123,14 +132,12 @@ def check_same_kind(cfg, out: Path) -> None:
         return
     saved = json.loads(saved_file.read_text())
     now = _kind({**vars(cfg), "command": type(cfg).__name__})
-    if "command" not in saved:  # written before run_config.json named its command
-        now.pop("command")
-    was = {k: v for k, v in _kind(saved).items() if k in now}
-    if was != now:
-        diff = ", ".join(f"{k}: {was[k]} there, {now[k]} now" for k in now if was[k] != now[k])
+    was = _kind(saved)
+    diff = [f"{k}: {was[k]} there, {now[k]} now" for k in _KIND if k in saved and was[k] != now[k]]
+    if diff:
         raise ConfigError(
-            f"--resume: {out} holds another kind of run ({diff}); resume it with the options it was "
-            "started with, or choose another --output-dir"
+            f"--resume: {out} was started with other options ({'; '.join(diff)}); resume it with the "
+            "options it was started with, or choose another --output-dir"
         )
 
 

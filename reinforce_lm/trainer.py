@@ -29,6 +29,7 @@ from reinforce_lm.distributed import (
     optimizer_state,
     saveable,
 )
+from reinforce_lm.errors import CheckpointError
 from reinforce_lm.metrics import MetricsLogger
 from reinforce_lm.models import is_lora, lora_for_saving
 
@@ -137,12 +138,18 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
     start = 0
     if resume_from is not None:
         state = checkpoint.load_state(resume_from)
-        for (_, module, _), o, s in zip(groups, optimizers, state["optimizers"], strict=True):
-            load_optimizer_state(module, o, s)  # saved by name, unsharded: any world size, FSDP or not
-        for sc, s in zip(schedulers, state["schedulers"], strict=True):
-            sc.load_state_dict(s)
+        try:
+            for (_, module, _), o, s in zip(groups, optimizers, state["optimizers"], strict=True):
+                load_optimizer_state(module, o, s)  # saved by name, unsharded: any world size, FSDP or not
+            for sc, s in zip(schedulers, state["schedulers"], strict=True):
+                sc.load_state_dict(s)
+            stage.load_state_dict(state["stage"])
+        except (KeyError, ValueError) as err:  # another command, algorithm or LoRA setting saved it
+            raise CheckpointError(
+                f"{resume_from}: its trainer state does not fit this run ({type(err).__name__}: {err}); "
+                "resume with the options the run was started with"
+            ) from None
         checkpoint.set_rng_state(state["rng"])
-        stage.load_state_dict(state["stage"])
         start = state["step"]
 
     # What a checkpoint of the last finished step holds, taken before this step changes any of it. An

@@ -198,3 +198,21 @@ def test_long_prompts_keep_their_last_tokens_and_their_bos(tokenizer):
     assert mask.tolist() == [[1] * 5, [0, 1, 1, 1, 1]]
     ids, _ = sampler.encode(["abcdefgh?"], "cpu")  # no BOS: simply the last 5 tokens
     assert tokenizer.convert_ids_to_tokens(ids[0].tolist()) == ["e", "f", "g", "h", "?"]
+
+
+def test_a_bos_written_by_a_template_is_not_doubled_beside_plain_prompts():
+    """One batch with a templated prompt (its text starts with BOS) and a plain one: each gets one BOS
+    (the tokenizer adds it to the plain one only), the same ids as when each is encoded alone."""
+    from tokenizers import processors
+
+    tok = toy.make_tokenizer()
+    bos, bos_id = tok.bos_token, tok.bos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, bos_id)]
+    )
+    sampler = Sampler(tok, max_new_tokens=2)
+    both, mask = sampler.encode([bos + "ab?", "cd?"], "cpu")
+    for i, text in enumerate([bos + "ab?", "cd?"]):
+        alone, _ = sampler.encode([text], "cpu")
+        assert both[i][mask[i].bool()].tolist() == alone[0].tolist()
+        assert alone[0].tolist().count(bos_id) == 1

@@ -223,10 +223,35 @@ def test_resume_checks_the_run_and_stops_when_it_is_done(task, tmp_path, capsys)
     assert run_train(config(task, tmp_path, steps=2, resume=True)) == 0
     assert "already at step 2 (--steps 2): nothing to do" in capsys.readouterr().out
     assert (tmp_path / "run_config.json").read_text() == saved  # still describes the model there
-    with pytest.raises(ConfigError, match="another kind of run .algorithm: reinforce there, ppo now"):
-        run_train(config(task, tmp_path, steps=3, resume=True, algorithm="ppo"))
-    with pytest.raises(ConfigError, match="lora: False there, True now"):
-        run_train(config(task, tmp_path, steps=3, resume=True, lora_r=4))
+    for kw, diff in [
+        (dict(algorithm="ppo"), "algorithm: reinforce there, ppo now"),
+        (dict(lora_r=4), "lora_r: None there, 4 now"),
+        (dict(model=str(task / "other")), "model: .*model there, .*other now"),  # another reference
+        (dict(lr=1e-3), "lr: 0.01 there, 0.001 now"),  # the schedule resumes from the checkpoint
+    ]:
+        with pytest.raises(ConfigError, match=f"was started with other options .{diff}"):
+            run_train(config(task, tmp_path, steps=3, resume=True, **kw))
+
+
+def test_a_trainer_state_that_does_not_fit_is_a_checkpoint_error(task, tmp_path):
+    """Without run_config.json to compare, the state itself tells (here: one that `sft` saved, with no
+    baseline state), as a CheckpointError instead of a KeyError."""
+    from reinforce_lm.errors import CheckpointError
+
+    run_train(config(task, tmp_path, steps=1))
+    (tmp_path / "run_config.json").unlink()
+    state_file = tmp_path / "checkpoint-1" / checkpoint.STATE_FILE
+    torch.save({**checkpoint.load_state(tmp_path / "checkpoint-1"), "stage": {}}, state_file)
+    with pytest.raises(
+        CheckpointError, match="trainer state does not fit this run .KeyError: 'running_mean'"
+    ):
+        run_train(config(task, tmp_path, steps=2, resume=True))
+
+
+def test_the_model_directory_is_not_an_output_directory(tmp_path):
+    model = toy.save_tiny_model(tmp_path / "m")
+    with pytest.raises(ConfigError, match="is the --model directory"):
+        run_train(TrainConfig(model=str(model), prompts="p.jsonl", reward=[REWARD], output_dir=str(model)))
 
 
 def test_an_unwritable_output_dir_fails_before_loading(task, tmp_path):
