@@ -52,6 +52,21 @@ def _positive(cfg, *names: str, allow_zero: bool = False) -> None:
             raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def _types(cfg) -> None:
+    """Values given from Python have the field's type (flags and YAML are coerced in `build_config`):
+    steps="10" is an error here, not a TypeError from a comparison further on."""
+    for f in dataclasses.fields(cfg):
+        t, value = field_type(type(cfg), f), getattr(cfg, f.name)
+        ok = {
+            bool: isinstance(value, bool),
+            int: isinstance(value, int) and not isinstance(value, bool),
+            float: isinstance(value, int | float) and not isinstance(value, bool),
+            str: isinstance(value, str),
+        }.get(t, True)  # lists are checked where they are used (_rewards)
+        if not ok:
+            raise ConfigError(f"{f.name} expects {t.__name__}, got {value!r}")
+
+
 def _device(cfg) -> None:
     """A device torch knows and this machine has: a typo or a missing GPU is an error here, not a
     traceback from deep inside torch once the models are loading."""
@@ -125,6 +140,7 @@ class EngineConfig:
     progress: bool = _f(True, "Show a progress bar.")
 
     def __post_init__(self) -> None:
+        _types(self)
         if not self.model:
             raise ConfigError("model is required: pass --model DIR_OR_ID (or `model:` in the YAML file)")
         _positive(self, "steps", "lr", "micro_batch_size", "keep_checkpoints")
@@ -275,6 +291,8 @@ def _coerce(cls, f: dataclasses.Field, value: Any, where: str) -> Any:
                 raise ValueError(value)
             return bool(value)
         if t is list:
+            if value is None:  # `reward:` left empty in a YAML file
+                return []
             items = value if isinstance(value, list | tuple) else [value]
             return [float(v) if f.name == "reward_weights" else str(v) for v in items]
         if t is int and isinstance(value, float) and not value.is_integer():
@@ -342,6 +360,7 @@ class EvalConfig:
     dtype: str = _f("float32", "float32, bfloat16 or float16.")
 
     def __post_init__(self) -> None:
+        _types(self)
         if not self.model or not self.prompts:
             raise ConfigError("eval needs --model and --prompts")
         _rewards(self)

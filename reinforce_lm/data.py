@@ -25,7 +25,11 @@ _SHOW = 3  # how many row locations a warning lists
 def _missing(where: str, wanted: str, row: dict, what: str = "") -> DataError:
     """A DataError for a row without column `wanted`, listing the row's columns and the nearest name."""
     near = difflib.get_close_matches(wanted, [str(k) for k in row], n=1, cutoff=0.6)
-    hint = f"; did you mean {near[0]!r}?" if near else ""
+    hint = (
+        f"; is {near[0]!r} a misspelling? rename it to {wanted!r}, or name it with the column option"
+        if near
+        else ""
+    )
     return DataError(f"{where}: no {what or repr(wanted)} column; this row has {sorted(map(str, row))}{hint}")
 
 

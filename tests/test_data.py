@@ -176,7 +176,7 @@ def test_load_prompts_custom_column(tmp_path, tokenizer):
         (
             {"promt": "a?"},
             r"p\.jsonl:2: no 'prompt' or 'messages' column; this row has \['promt'\]; "
-            r"did you mean 'promt'\?",
+            r"is 'promt' a misspelling\? rename it to 'prompt'",
         ),
         ({"prompt": 3}, r"p\.jsonl:2: column 'prompt' must be text, got int"),
         ({"prompt": "  "}, r"p\.jsonl:2: empty prompt"),
@@ -231,7 +231,10 @@ def test_sft_messages_label_only_assistant_turns(tmp_path, tokenizer):
     "row, match",
     [
         ({"prompt": "a", "completion": ""}, r"s\.jsonl:1: empty completion"),
-        ({"prompt": "a", "completon": "b"}, r"s\.jsonl:1: no 'completion' column.*did you mean 'completon'"),
+        (
+            {"prompt": "a", "completon": "b"},
+            r"s\.jsonl:1: no 'completion' column.*is 'completon' a misspelling",
+        ),
         ({"messages": [{"role": "user", "content": "a"}]}, r"s\.jsonl:1: no assistant message"),
         (
             {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]},

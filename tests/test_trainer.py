@@ -416,6 +416,14 @@ def test_unknown_config_key_suggests_the_nearest(task, tmp_path, capsys):
     assert "samples_per_promt" in err and "samples_per_prompt" in err
 
 
+def test_an_empty_yaml_reward_says_no_reward(task, tmp_path, capsys):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"model: {task / 'model'}\nprompts: {task / 'prompts.jsonl'}\nreward:\n")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--config", str(yaml_file)])
+    assert "no reward: pass --reward" in capsys.readouterr().err
+
+
 def test_yaml_config_with_flag_override(task, tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(
@@ -443,6 +451,9 @@ def test_bad_values_are_rejected(task):
         (dict(device="tpuu"), "not a device"),
         (dict(reward=[3]), r"reward\[0\] = 3: expected FILE.py:FUNCTION"),
         (dict(reward=None), "no reward"),
+        (dict(steps="10"), "steps expects int, got '10'"),
+        (dict(lr="1e-5"), "lr expects float, got '1e-5'"),
+        (dict(progress="no"), "progress expects bool"),
     ],
 )
 def test_bad_options_name_the_option(task, kw, message):
