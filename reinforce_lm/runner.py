@@ -17,7 +17,7 @@ import torch
 
 from reinforce_lm import checkpoint, distributed
 from reinforce_lm.data import load_prompts
-from reinforce_lm.errors import ConfigError
+from reinforce_lm.errors import ConfigError, DataError
 from reinforce_lm.metrics import MetricsLogger
 from reinforce_lm.models import (
     RefViaDisabledAdapter,
@@ -87,6 +87,29 @@ def check_vocabulary(path: str, tokenizer, what: str, flag: str) -> None:
             f"{flag} {path}: its tokenizer differs from the policy's, but the {what} reads the policy's "
             "token ids; use a model with the policy's tokenizer"
         )
+
+
+def check_token_ids(model, tokenizer, examples: list[dict], keys: tuple[str, ...], path: str) -> None:
+    """Every token id of the data (and the pad id) has a row in the model's embedding: a tokenizer with
+    tokens the model was never resized for is a DataError naming the example, not an index error mid-step.
+    Scanned only when the tokenizer is larger than the embedding."""
+    try:
+        rows = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        return
+    if len(tokenizer) <= rows:
+        return
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= rows:
+        raise DataError(
+            f"the pad token id {tokenizer.pad_token_id} is past the model's embedding ({rows} rows)"
+        )
+    for i, ex in enumerate(examples):
+        for key in keys:
+            if ex[key] and max(ex[key]) >= rows:
+                raise DataError(
+                    f"{path}: example {i} has token id {max(ex[key])}, but the model's embedding has {rows} "
+                    "rows: its tokenizer has tokens the model was not resized for (resize_token_embeddings)"
+                )
 
 
 def context_length(path: str) -> int | None:

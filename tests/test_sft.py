@@ -148,3 +148,22 @@ def test_over_long_rows_are_reported(tmp_path, llama_dir, truncate, word):
     )
     with pytest.warns(UserWarning, match=rf"1 row\(s\) longer than max_length=16 {word}.*long.jsonl:4"):
         assert run_sft(cfg) == 0
+
+
+def test_a_token_past_the_embedding_is_a_data_error(tmp_path):
+    """A tokenizer larger than the model's embedding (never resized): SFT names the example."""
+    from reinforce_lm.errors import DataError
+
+    tok = toy.make_tokenizer()
+    model = toy.make_model("llama", tok)
+    model.resize_token_embeddings(len(tok) - 3)  # the last 3 characters have no row
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": "a?", "completion": "aa"}, {"prompt": "b?", "completion": "b."}]
+    )
+    cfg = SFTConfig(model=str(tmp_path / "m"), data=str(tmp_path / "d.jsonl"), output_dir=str(tmp_path / "o"),
+                    steps=1, eval_fraction=0.0, progress=False)  # fmt: skip
+    dot = tok.convert_tokens_to_ids(".")  # one of the last 3
+    with pytest.raises(DataError, match=rf"d.jsonl: example 1 has token id {dot}, but the model"):
+        run_sft(cfg)

@@ -181,7 +181,7 @@ def load_preference_splits(cfg: RewardConfig, tokenizer) -> tuple[list[dict], li
 def build_reward_stage(cfg: RewardConfig, d: Dist, resume=None) -> RewardStage:
     """Tokenizer, preference pairs (errors before any model is loaded), a one-label scorer -> the stage."""
     from reinforce_lm.models import disable_dropout, enable_activation_checkpointing, load_tokenizer
-    from reinforce_lm.runner import fit_to_context
+    from reinforce_lm.runner import check_token_ids, fit_to_context
 
     source = str(resume) if resume else cfg.model
     tokenizer = load_tokenizer(source, padding_side="right")
@@ -192,6 +192,7 @@ def build_reward_stage(cfg: RewardConfig, d: Dist, resume=None) -> RewardStage:
         print(f"reward: {len(train)} training and {len(held_out)} held-out pairs")
     sharded = cfg.fsdp and d.enabled  # FSDP shards from CPU memory, moving shard by shard
     model = load_reward_backbone(source, tokenizer, cfg.dtype, "cpu" if sharded else d.device)
+    check_token_ids(model, tokenizer, train + held_out, ("chosen_ids", "rejected_ids"), cfg.data)
     disable_dropout(model)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)

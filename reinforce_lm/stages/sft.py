@@ -154,7 +154,7 @@ def resolve_eval_every(cfg, n_train: int):
 def build_sft_stage(cfg: SFTConfig, d: Dist, resume=None) -> SFTStage:
     """Tokenizer, data (errors before any model is loaded), policy -> the SFT stage."""
     from reinforce_lm.models import load_tokenizer
-    from reinforce_lm.runner import fit_to_context, load_policy
+    from reinforce_lm.runner import check_token_ids, fit_to_context, load_policy
 
     tokenizer = load_tokenizer(str(resume) if resume else cfg.model)
     cfg = fit_to_context(cfg, "max_length", cfg.model, d)
@@ -163,6 +163,7 @@ def build_sft_stage(cfg: SFTConfig, d: Dist, resume=None) -> SFTStage:
     if d.is_main:
         print(f"sft: {len(train)} training and {len(held_out)} held-out examples")
     policy = load_policy(cfg, d, str(resume) if resume else cfg.model, resume)
+    check_token_ids(policy, tokenizer, train + held_out, ("input_ids",), cfg.data)
     return SFTStage(cfg, distributed.wrap(policy, d, fsdp=cfg.fsdp), tokenizer, train, held_out, d)
 
 
