@@ -87,12 +87,9 @@ def _device(cfg) -> None:
 def _rewards(cfg) -> None:
     """`reward` and `reward_model` are lists; from Python a single one may be given as is. Functions are
     FILE.py:FUNCTION / module:FUNCTION strings or (from Python) callables; reward models are paths."""
-    cfg.reward = [] if cfg.reward is None else cfg.reward  # `reward:` left empty in a YAML file
-    cfg.reward_model = [] if cfg.reward_model is None else cfg.reward_model
-    if isinstance(cfg.reward, str) or callable(cfg.reward):
-        cfg.reward = [cfg.reward]
-    if isinstance(cfg.reward_model, str):
-        cfg.reward_model = [cfg.reward_model]
+    from reinforce_lm.rewards import as_list  # None (`reward:` left empty in YAML) is [], one is [one]
+
+    cfg.reward, cfg.reward_model = as_list(cfg.reward), as_list(cfg.reward_model)
     for i, r in enumerate(cfg.reward):
         if not (isinstance(r, str) or callable(r)):
             raise ConfigError(

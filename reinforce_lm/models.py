@@ -104,6 +104,14 @@ def positions(config) -> int | None:
     return None
 
 
+def embedding_rows(model) -> int | None:
+    """Rows of the model's input embedding: every token id must be below it (None where it does not say)."""
+    try:
+        return model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        return None
+
+
 def load_tokenizer(path: str, padding_side: str = "left"):
     """The model's own tokenizer; a missing pad token falls back to EOS (common for decoder-only LMs)."""
     from transformers import AutoTokenizer

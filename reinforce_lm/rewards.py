@@ -292,7 +292,7 @@ class RewardSet:
         return torch.tensor(scores, dtype=torch.float32)
 
 
-def _as_list(value) -> list:
+def as_list(value) -> list:
     """One reward (a string, a path or a callable) where a list is expected is a list of one: a string
     must not become one reward per character."""
     if value is None:
@@ -319,7 +319,7 @@ def build_rewards(
 ) -> RewardSet:
     """Reward functions (`file.py:func` / `module:func` strings or callables), then reward models (paths),
     with one weight each (1.0 by default). A single string or callable stands for a list of one."""
-    reward_specs, reward_model_paths = _as_list(reward_specs), _as_list(reward_model_paths)
+    reward_specs, reward_model_paths = as_list(reward_specs), as_list(reward_model_paths)
     n = len(reward_specs) + len(reward_model_paths)
     if n == 0:
         raise RewardError("no reward given: pass --reward FILE.py:FUNCTION and/or --reward-model DIR")

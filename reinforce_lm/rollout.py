@@ -20,7 +20,7 @@ import torch
 
 from reinforce_lm.decoder import lean_decoder, preallocate
 from reinforce_lm.errors import DataError
-from reinforce_lm.models import cache_kwarg, forward_kwargs, takes_position_ids
+from reinforce_lm.models import cache_kwarg, embedding_rows, forward_kwargs, takes_position_ids
 
 
 @dataclass
@@ -379,11 +379,8 @@ class Sampler:
 def _check_ids(ids: torch.Tensor, mask: torch.Tensor, model, prompts) -> None:
     """Token ids past the model's embedding (a tokenizer with tokens the model was never resized for)
     would be an index error deep inside the forward; name the prompt and the token instead."""
-    try:
-        rows = model.get_input_embeddings().num_embeddings
-    except (AttributeError, NotImplementedError):  # a model that does not say: its forward will tell
-        return
-    if int(ids.max()) < rows:
+    rows = embedding_rows(model)
+    if rows is None or int(ids.max()) < rows:  # a model that does not say: its forward will tell
         return
     bad = (ids >= rows) & mask.bool()  # [P, Lp]
     if not bad.any():

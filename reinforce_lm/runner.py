@@ -23,6 +23,7 @@ from reinforce_lm.models import (
     RefViaDisabledAdapter,
     apply_lora,
     disable_dropout,
+    embedding_rows,
     enable_activation_checkpointing,
     freeze,
     load_causal_lm,
@@ -93,11 +94,8 @@ def check_token_ids(model, tokenizer, examples: list[dict], keys: tuple[str, ...
     """Every token id of the data (and the pad id) has a row in the model's embedding: a tokenizer with
     tokens the model was never resized for is a DataError naming the example, not an index error mid-step.
     Scanned only when the tokenizer is larger than the embedding."""
-    try:
-        rows = model.get_input_embeddings().num_embeddings
-    except (AttributeError, NotImplementedError):
-        return
-    if len(tokenizer) <= rows:
+    rows = embedding_rows(model)
+    if rows is None or len(tokenizer) <= rows:
         return
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= rows:
         raise DataError(
