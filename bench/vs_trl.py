@@ -85,6 +85,7 @@ def work_reinforce_lm(job: dict, out_dir: str) -> dict:
             device="cpu",
             progress=False,
             seed=0,
+            gradient_checkpointing=job["checkpointing"] == "both",
         ),
     )
     run_train(cfg)
@@ -148,6 +149,8 @@ def work_trl(job: dict, out_dir: str) -> dict:
         bf16=False,
         fp16=False,
         disable_dropout=True,
+        # TRL's default is to recompute activations in backward; `--checkpointing neither` turns it off
+        gradient_checkpointing=job["checkpointing"] != "neither",
         dataloader_num_workers=0,
         seed=0,
     )
@@ -218,6 +221,11 @@ def run_job(job: dict, verbose: bool) -> dict:
     return res
 
 
+CHECKPOINTING = {
+    "defaults": "each trainer's default (TRL: on, reinforce-lm: off)",
+    "both": "on in both",
+    "neither": "off in both",
+}
 SIZES = {  # P prompts, K samples, T tokens, micro-batch, steps
     "tiny": dict(p=8, k=8, t=64, micro=16, steps=8),
     "medium": dict(p=4, k=4, t=32, micro=8, steps=4),
@@ -245,6 +253,13 @@ def main() -> None:
         help="torch threads of every run (1 by default: on a shared, oversubscribed CPU two OpenMP threads "
         "wait on each other at every op, and the timings measure the neighbours rather than the trainers)",
     )
+    ap.add_argument(
+        "--checkpointing",
+        choices=["defaults", "both", "neither"],
+        default="defaults",
+        help="activation (gradient) checkpointing: each trainer's default (TRL on, reinforce-lm off), on in "
+        "both, or off in both",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
     ap.add_argument("--out", default=str(HERE / "results" / "vs_trl.md"))
     args = ap.parse_args()
@@ -263,7 +278,7 @@ def main() -> None:
         for pair in args.pairs:
             for beta in args.betas:
                 base = dict(size, model=model, model_dir=model_dir, estimator=pair, beta=beta, lr=args.lr)
-                base.update(warmup=args.warmup, threads=args.threads)
+                base.update(warmup=args.warmup, threads=args.threads, checkpointing=args.checkpointing)
                 runs = {"reinforce-lm": [], "trl": []}
                 for _ in range(args.repeats):
                     for impl in runs:
@@ -289,7 +304,8 @@ def render(rows, args) -> str:
         "CPU time (steadier while neighbours take the CPU); peak: peak RSS of the process "
         "up to the end of the last training step (reinforce-lm then writes "
         "its final checkpoint, TRL here saves nothing); "
-        "+train: peak minus RSS at the start of step 1 (models loaded, no optimiser state yet).",
+        "+train: peak minus RSS at the start of step 1 (models loaded, no optimiser state yet). "
+        f"Activation checkpointing: {CHECKPOINTING[args.checkpointing]}.",
         "",
         "| model | TRL trainer | beta | P x K x T | r-lm tok/s | TRL tok/s | **speed ratio** "
         "| r-lm tok/CPU-s | TRL tok/CPU-s | **CPU ratio** | r-lm peak MiB "

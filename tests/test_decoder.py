@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from reinforce_lm import decoder, toy
 from reinforce_lm.logprobs import token_logprobs
-from reinforce_lm.models import disable_dropout
+from reinforce_lm.models import disable_dropout, enable_activation_checkpointing
 from reinforce_lm.rollout import Sampler, row_seeds
 
 PROMPTS = ["a?", "bcd+1=", "j?", "0123456789?"]  # uneven lengths: left padding matters
@@ -116,6 +116,10 @@ def test_lean_decoder_declines_what_it_does_not_reproduce(tokenizer):
     hooked = _model("llama", tokenizer)
     hooked.model.layers[0].mlp.register_forward_hook(lambda *a: None)  # FSDP, probes...
     assert attempt(hooked) is None
+    checkpointed = _model("llama", tokenizer)  # transformers hooks the embeddings: harmless here
+    enable_activation_checkpointing(checkpointed)
+    assert checkpointed.model.embed_tokens._forward_hooks
+    assert isinstance(attempt(checkpointed), decoder.LeanDecoder)
     offloaded = _model("llama", tokenizer)
     offloaded.model.layers[1]._hf_hook = object()  # how accelerate marks a module whose forward it wraps
     assert attempt(offloaded) is None
