@@ -78,6 +78,27 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+AS_LOADED = "_reinforce_lm_as_loaded"  # tokenizer attribute: the settings `load_tokenizer` changed
+
+
+def as_loaded(tokenizer):
+    """`tokenizer` with the pad token and padding side it was loaded with (a copy, if they changed).
+
+    Training pads on the left and borrows EOS as the pad token where there is none. Saved into the
+    checkpoint, pad == EOS would make a later fine-tune that masks padding out of its labels mask every
+    EOS too (its model would never learn to stop), so the saved tokenizer is the user's own.
+    """
+    loaded = getattr(tokenizer, AS_LOADED, None)
+    if not loaded or all(getattr(tokenizer, k) == v for k, v in loaded.items()):
+        return tokenizer
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    for key, value in loaded.items():
+        setattr(tok, key, value)
+    return tok
+
+
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
@@ -99,7 +120,7 @@ def save_checkpoint(
             target = tmp if name == "policy" else tmp / name
             model.save_pretrained(target, safe_serialization=True)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            as_loaded(tokenizer).save_pretrained(tmp)
         torch.save({**state, "step": step}, tmp / STATE_FILE)
         _open_up(tmp)
         if final.exists():  # the same step saved twice (e.g. Ctrl-C right after a save)

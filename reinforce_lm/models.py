@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from reinforce_lm.checkpoint import STATE_FILE, latest_checkpoint
+from reinforce_lm.checkpoint import AS_LOADED, STATE_FILE, latest_checkpoint
 from reinforce_lm.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -113,7 +113,9 @@ def embedding_rows(model) -> int | None:
 
 
 def load_tokenizer(path: str, padding_side: str = "left"):
-    """The model's own tokenizer; a missing pad token falls back to EOS (common for decoder-only LMs)."""
+    """The model's own tokenizer; a missing pad token falls back to EOS (common for decoder-only LMs).
+
+    Both changes are for training only: checkpoints save the tokenizer as it was loaded."""
     from transformers import AutoTokenizer
 
     resolved = resolve_model_path(path)
@@ -127,6 +129,7 @@ def load_tokenizer(path: str, padding_side: str = "left"):
                 "save the tokenizer there too, e.g. copy those files from the model it was trained from"
             ) from None
         raise ConfigError(f"cannot load a tokenizer from {path!r}: {e}") from None
+    setattr(tok, AS_LOADED, {"pad_token": tok.pad_token, "padding_side": tok.padding_side})  # for saving
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ConfigError(f"tokenizer of {path!r} has neither a pad nor an EOS token")

@@ -295,6 +295,25 @@ def test_resume_continues_exactly(task, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_checkpoints_keep_the_users_tokenizer_settings(task, tmp_path):
+    """Training pads on the left with EOS standing in for a missing pad token; the saved tokenizer does not
+    (pad == EOS in a checkpoint would make a later fine-tune mask every EOS out of its labels)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "no-pad"
+    shutil.copytree(task / "model", model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.pad_token, tok.padding_side = None, "right"
+    tok.save_pretrained(model)
+    run_train(config(task, tmp_path / "out", model=str(model), steps=1))
+    run_train(config(task, tmp_path / "out", model=str(model), steps=2, resume=True))
+    saved = AutoTokenizer.from_pretrained(resolve_model_path(str(tmp_path / "out")))
+    assert saved.pad_token is None and saved.padding_side == "right"
+    assert saved.eos_token == tok.eos_token
+
+
 def test_existing_run_without_resume_is_refused(task, tmp_path):
     run_train(config(task, tmp_path, steps=1))
     with pytest.raises(Exception, match="--resume"):
