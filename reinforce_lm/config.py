@@ -110,7 +110,7 @@ class EngineConfig:
     output_dir: str = _f("runs/out", "Where checkpoints, the final model and metrics.jsonl go.")
     steps: int = _f(100, "Number of optimiser steps (for RL: batches of rollouts).")
     lr: float = _f(1e-5, "Peak learning rate of AdamW.")
-    warmup_steps: int = _f(0, "Linear learning-rate warm-up, in optimiser steps.")
+    warmup_steps: int = _f(0, "Linear learning-rate warm-up, in steps (as --steps counts them).")
     lr_schedule: str = _f("constant", "After warm-up: constant, linear (to 0) or cosine (to 0).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this value (0 disables clipping).")

@@ -271,6 +271,9 @@ def run_stage(cfg, build, use_as: str = "--model") -> int:
         stage = build(cfg, d, resume)
         cfg = getattr(stage, "cfg", cfg)  # a stage may settle defaults that depend on its data
         write_run_config(cfg, d)
+        if d.is_main and cfg.warmup_steps >= cfg.steps and resume is None:
+            print(f"note: --warmup-steps {cfg.warmup_steps} is not below --steps {cfg.steps}: the learning "
+                  f"rate never reaches --lr {cfg.lr:g} in this run")  # fmt: skip
         if resume is None:
             log_initial_eval(stage, cfg, d)
         result = fit(stage, cfg, d, resume_from=resume)

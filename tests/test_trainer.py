@@ -314,6 +314,15 @@ def test_checkpoints_keep_the_users_tokenizer_settings(task, tmp_path):
     assert saved.eos_token == tok.eos_token
 
 
+def test_a_warmup_as_long_as_the_run_is_noted(task, tmp_path, capsys):
+    run_train(config(task, tmp_path / "a", steps=2, warmup_steps=2))
+    assert "never reaches --lr" in capsys.readouterr().out
+    run_train(config(task, tmp_path / "b", steps=2, warmup_steps=1))
+    assert "never reaches" not in capsys.readouterr().out
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "lr" in r]
+    assert lrs == pytest.approx([0.5e-2, 1e-2])  # reaches the peak at the step after the warm-up
+
+
 def test_existing_run_without_resume_is_refused(task, tmp_path):
     run_train(config(task, tmp_path, steps=1))
     with pytest.raises(Exception, match="--resume"):
