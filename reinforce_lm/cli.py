@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
         module, func = run.split(":")
         code = getattr(importlib.import_module(module), func)(cfg)
     except ReinforceLMError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds it: say it once
+        if e.rank is not None:  # found in training by this process, maybe by this one alone
+            print(f"reinforce-lm {args.command}: error on rank {e.rank}: {e}", file=sys.stderr)
+        elif os.environ.get("RANK", "0") == "0":  # found before training, by every rank: say it once
             print(f"reinforce-lm {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C before training started (imports, loading): nothing to save

@@ -179,9 +179,11 @@ class TrainConfig(EngineConfig):
         "k3",
         "KL estimator: k1 (log-ratio), k2 (half squared log-ratio), k3 (Schulman). In the loss, k2's "
         "gradient is that of KL(policy||ref), k3's that of KL(ref||policy); in the reward, k1 gives "
-        "KL(policy||ref).",
+        "KL(policy||ref). REINFORCE only: PPO always puts k1 in the per-token reward (InstructGPT).",
     )
-    kl_in: str = _f("loss", "Where the KL goes: reward (subtracted from the score) or loss (added to it).")
+    kl_in: str = _f(
+        "loss", "Where the KL goes: reward (subtracted from the score) or loss (added to it). REINFORCE only."
+    )
     credit: str = _f("sequence", "sequence (one advantage per completion) or token (reward-to-go).")
     gamma: float = _f(1.0, "Discount for token-level returns.")
     loss_agg: str = _f("token-mean", "Loss aggregation: " + ", ".join(LOSS_AGG_MODES) + ".")

@@ -2,7 +2,12 @@
 
 
 class ReinforceLMError(Exception):
-    """Base class: every error the library raises on purpose."""
+    """Base class: every error the library raises on purpose.
+
+    `rank` is set when one process of several found it while training (its own prompts, rewards or
+    samples), so the other processes may not have: the CLI then prints it from that process."""
+
+    rank: int | None = None
 
 
 class ConfigError(ReinforceLMError, ValueError):

@@ -138,6 +138,14 @@ def load_tokenizer(path: str, padding_side: str = "left"):
     return tok
 
 
+def load_errors() -> tuple[type[Exception], ...]:
+    """What `from_pretrained` raises for a directory it cannot load: missing or unreadable files
+    (OSError), an unknown model_type (ValueError), truncated or corrupt weights (SafetensorError)."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, SafetensorError
+
+
 def load_causal_lm(path: str, dtype: str = "float32", device: torch.device | str = "cpu"):
     """`AutoModelForCausalLM` from a local directory or hub id, in `dtype`, on `device`."""
     from transformers import AutoModelForCausalLM
@@ -145,8 +153,8 @@ def load_causal_lm(path: str, dtype: str = "float32", device: torch.device | str
     resolved = resolve_model_path(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=DTYPES[dtype])
-    except (OSError, ValueError) as e:  # ValueError: e.g. a config.json without a known model_type
-        raise ConfigError(f"cannot load a causal LM from {path!r}: {e}") from None
+    except load_errors() as e:
+        raise ConfigError(f"cannot load a causal LM from {resolved!r}: {e}") from None
     return model.to(device)
 
 

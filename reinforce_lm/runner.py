@@ -17,7 +17,7 @@ import torch
 
 from reinforce_lm import checkpoint, distributed
 from reinforce_lm.data import load_prompts
-from reinforce_lm.errors import ConfigError, DataError
+from reinforce_lm.errors import ConfigError, DataError, ReinforceLMError
 from reinforce_lm.metrics import MetricsLogger
 from reinforce_lm.models import (
     RefViaDisabledAdapter,
@@ -274,9 +274,14 @@ def run_stage(cfg, build, use_as: str = "--model") -> int:
         if d.is_main and cfg.warmup_steps >= cfg.steps and resume is None:
             print(f"note: --warmup-steps {cfg.warmup_steps} is not below --steps {cfg.steps}: the learning "
                   f"rate never reaches --lr {cfg.lr:g} in this run")  # fmt: skip
-        if resume is None:
-            log_initial_eval(stage, cfg, d)
-        result = fit(stage, cfg, d, resume_from=resume)
+        try:
+            if resume is None:
+                log_initial_eval(stage, cfg, d)
+            result = fit(stage, cfg, d, resume_from=resume)
+        except ReinforceLMError as err:
+            if d.world_size > 1:  # this process's prompts or rewards: the others may not have hit it
+                err.rank = d.rank
+            raise
         if d.is_main:
             what = "interrupted; checkpoint" if result["interrupted"] else "done; model"
             print(f"{what} at {result['checkpoint']} (step {result['step']}); pass {use_as} {cfg.output_dir}")

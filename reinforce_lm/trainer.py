@@ -143,6 +143,10 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
                 load_optimizer_state(module, o, s)  # saved by name, unsharded: any world size, FSDP or not
             for sc, s in zip(schedulers, state["schedulers"], strict=True):
                 sc.load_state_dict(s)
+                # The saved rate is the old run's schedule; --steps (or the warm-up or schedule) may be
+                # new: the next step takes its rate from this run's schedule, as if it had run throughout.
+                for group, base, f in zip(sc.optimizer.param_groups, sc.base_lrs, sc.lr_lambdas, strict=True):
+                    group["lr"] = base * f(sc.last_epoch)
             stage.load_state_dict(state["stage"])
         except (KeyError, ValueError) as err:  # another command, algorithm or LoRA setting saved it
             raise CheckpointError(
@@ -233,7 +237,7 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
                         safe["step"] = None  # weights changed: mid-step until the step ends
                         opt.zero_grad(set_to_none=True)
                     n_updates += 1
-            metrics["lr"] = schedulers[0].get_last_lr()[0]  # the rate this step used
+            metrics["lr"] = optimizers[0].param_groups[0]["lr"]  # the rate this step used
             for s in schedulers:
                 s.step()
             # Loss metrics are per-process shares of the global value: one all-reduce sums them all.
@@ -251,7 +255,8 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
             if step == cfg.steps:
                 metrics.update(stage.evaluate())
             logger.log(step, metrics)
-            if interrupt.requested:
+            # A Ctrl-C may reach some processes only (or a step apart): all stop when any one asked.
+            if not d.all_true(not interrupt.requested):
                 interrupted = True
                 break
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:

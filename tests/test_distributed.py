@@ -201,3 +201,47 @@ def test_rank_chunks_give_every_rank_the_same_number_of_calls():
     counted = sorted(i for chunks in per_rank for chunk, w in chunks if w for i in chunk)
     assert counted == items  # every item once, stand-ins (weight 0) not counted
     assert rank_chunks([5], Dist(rank=1, world_size=2), 4) == [([5], 0.0)]  # a rank with nothing
+
+
+RANK_ONE_REWARDS = """
+import os, signal
+from reinforce_lm.toy import letter_reward
+
+calls = []
+
+def fails_on_rank_1(prompts, completions, **kw):
+    if os.environ["RANK"] == "1":
+        raise ValueError("rank 1's reward service is down")
+    return letter_reward(prompts, completions, **kw)
+
+def ctrl_c_on_rank_1(prompts, completions, **kw):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 2:  # during step 2, this process only
+        os.kill(os.getpid(), signal.SIGINT)
+    return letter_reward(prompts, completions, **kw)
+"""
+
+
+def test_what_one_rank_alone_meets_stops_every_rank(setup, tmp_path):
+    """An error that only rank 1 meets is printed (by rank 1), and a Ctrl-C that reaches rank 1 only
+    stops both ranks after the same step, with a checkpoint, instead of leaving rank 0 waiting."""
+    root, model, prompts = setup
+    rewards = tmp_path / "rank_rewards.py"
+    rewards.write_text(RANK_ONE_REWARDS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def run(reward: str, out: Path) -> subprocess.CompletedProcess:
+        argv = args(model, prompts, out, "grpo", 4, f"--reward={rewards}:{reward}")
+        argv = [a for a in argv if not a.startswith("--reward=reinforce_lm")]
+        return subprocess.run(
+            [*cmd, "reinforce_lm", *argv], env=env, capture_output=True, text=True, timeout=300
+        )
+
+    p = run("fails_on_rank_1", tmp_path / "err")
+    assert p.returncode != 0
+    assert "error on rank 1" in p.stderr and "rank 1's reward service is down" in p.stderr, p.stderr[-3000:]
+
+    p = run("ctrl_c_on_rank_1", tmp_path / "int")
+    assert [r["step"] for r in read_metrics(tmp_path / "int" / "metrics.jsonl")] == [1, 2], p.stderr[-3000:]
+    assert (tmp_path / "int" / "checkpoint-2" / "model.safetensors").exists()

@@ -317,6 +317,16 @@ def test_a_model_without_a_tokenizer_is_named(tmp_path, llama_dir):
         models.load_tokenizer(str(path))
 
 
+def test_truncated_weights_are_a_config_error_naming_the_directory(tmp_path, llama_dir):
+    path = tmp_path / "m"
+    shutil.copytree(llama_dir, path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy or a download cut short
+    with pytest.raises(ConfigError, match="cannot load a causal LM") as e:
+        models.load_causal_lm(str(path))
+    assert str(path) in str(e.value)
+
+
 def test_a_run_directory_stands_for_its_newest_complete_checkpoint(tmp_path, llama_dir):
     """`--model OUT` follows `latest` only to a complete checkpoint, as resume does."""
     from reinforce_lm.checkpoint import STATE_FILE

@@ -323,6 +323,23 @@ def test_a_warmup_as_long_as_the_run_is_noted(task, tmp_path, capsys):
     assert lrs == pytest.approx([0.5e-2, 1e-2])  # reaches the peak at the step after the warm-up
 
 
+def test_resume_with_more_steps_follows_the_new_schedule(task, tmp_path):
+    """A linear schedule over 4 steps, resumed after 2 that were run with --steps 2: steps 3 and 4 take
+    the 4-step schedule's rates (not the 2-step run's last one), and end where a straight run does."""
+    kw = dict(estimator="running_mean", lr_schedule="linear", warmup_steps=1)
+    run_train(config(task, tmp_path / "full", steps=4, **kw))
+    run_train(config(task, tmp_path / "part", steps=2, **kw))
+    run_train(config(task, tmp_path / "part", steps=4, resume=True, **kw))
+    lrs = [
+        [r["lr"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "lr" in r]
+        for run in ("full", "part")
+    ]
+    assert lrs[0] == pytest.approx([0.5e-2, 1e-2, 2 / 3 * 1e-2, 1 / 3 * 1e-2])
+    assert lrs[1] == pytest.approx(lrs[0])
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_existing_run_without_resume_is_refused(task, tmp_path):
     run_train(config(task, tmp_path, steps=1))
     with pytest.raises(Exception, match="--resume"):

@@ -31,6 +31,7 @@ from reinforce_lm.models import (
     disable_dropout,
     enable_activation_checkpointing,
     forward_kwargs,
+    load_errors,
     resolve_model_path,
 )
 from reinforce_lm.stages.reinforce import ReinforceStage, trim
@@ -89,7 +90,7 @@ def load_critic(path: str, dtype: str = "float32", device="cpu") -> Critic:
     path = resolve_model_path(str(path))
     try:
         backbone = AutoModel.from_pretrained(path, dtype=DTYPES[dtype])
-    except (OSError, ValueError) as e:  # ValueError: e.g. an unknown model_type
+    except load_errors() as e:
         raise ConfigError(f"cannot load a critic backbone from {path!r}: {e}") from None
     critic = Critic(disable_dropout(backbone))
     head = Path(path) / VALUE_HEAD_FILE

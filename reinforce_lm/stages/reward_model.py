@@ -68,13 +68,13 @@ def load_reward_backbone(path: str, tokenizer, dtype: str, device):
     The head pools the last token that is not `pad_token_id`, so the config must know the pad id."""
     from transformers import AutoModelForSequenceClassification
 
-    from reinforce_lm.models import DTYPES, resolve_model_path
+    from reinforce_lm.models import DTYPES, load_errors, resolve_model_path
 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             resolve_model_path(path), num_labels=1, dtype=DTYPES[dtype]
         )
-    except (OSError, ValueError) as e:
+    except load_errors() as e:
         raise ConfigError(f"cannot load {path!r} as a sequence-classification model: {e}") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
