@@ -24,3 +24,7 @@ class RewardError(ReinforceLMError, ValueError):
 
 class CheckpointError(ReinforceLMError):
     """A checkpoint that cannot be written or resumed."""
+
+
+class TrainingError(ReinforceLMError):
+    """A step that cannot be taken: a non-finite loss or gradient."""

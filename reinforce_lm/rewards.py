@@ -284,12 +284,16 @@ class RewardSet:
                 raise RewardError(
                     f"reward {name!r} returned a non-number for {_sample(i, sources)}: {_shorten(value)}"
                 )
-            if not math.isfinite(value):
+            if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:  # inf once a float32
                 raise RewardError(
-                    f"reward {name!r} returned {value} for {_sample(i, sources)}; scores must be finite"
+                    f"reward {name!r} returned {value} for {_sample(i, sources)}; scores must be finite "
+                    "float32 numbers"
                 )
             scores.append(float(value))
         return torch.tensor(scores, dtype=torch.float32)
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def as_list(value) -> list:

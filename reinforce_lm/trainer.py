@@ -29,7 +29,7 @@ from reinforce_lm.distributed import (
     optimizer_state,
     saveable,
 )
-from reinforce_lm.errors import CheckpointError
+from reinforce_lm.errors import CheckpointError, TrainingError
 from reinforce_lm.metrics import MetricsLogger
 from reinforce_lm.models import is_lora, lora_for_saving
 
@@ -233,6 +233,12 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
                             gn = _grad_norm(module)
                         key = "grad_norm" if name == "policy" else f"grad_norm_{name}"
                         sums[key] = sums.get(key, 0.0) + as_float(gn)
+                        if not math.isfinite(sums[key]):  # stepping would make every weight NaN
+                            raise TrainingError(
+                                f"step {step}: the {name}'s gradient norm is {as_float(gn)} (loss "
+                                f"{sums.get('loss', float('nan')):.4g}); the weights were not updated. "
+                                "Look for non-finite rewards or log-probs, or lower --lr"
+                            )
                         opt.step()
                         safe["step"] = None  # weights changed: mid-step until the step ends
                         opt.zero_grad(set_to_none=True)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from reinforce_lm import checkpoint, cli, distributed, toy
 from reinforce_lm.config import TrainConfig
-from reinforce_lm.errors import ConfigError, RewardError
+from reinforce_lm.errors import ConfigError, RewardError, TrainingError
 from reinforce_lm.files import write_jsonl
 from reinforce_lm.metrics import read_metrics
 from reinforce_lm.models import resolve_model_path
@@ -159,6 +159,30 @@ def test_an_error_mid_run_saves_the_last_finished_step_and_resume_is_exact(task,
     run_train(config(task, tmp_path / "full", steps=4, estimator="running_mean", beta=0.05))
     a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_non_finite_gradient_stops_the_run_before_it_reaches_the_weights(task, tmp_path, capsys):
+    """Scores that are finite but whose differences overflow float32 make the loss infinite in step 2:
+    the run stops with the error before the optimiser step, and the state after step 1 is on disk."""
+    calls = []
+
+    def overflowing(prompts, completions, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            return [3e38 if i % 2 else -3e38 for i in range(len(completions))]
+        return toy.letter_reward(prompts, completions, **kw)
+
+    with pytest.raises(TrainingError, match="step 2: the policy's gradient norm is (nan|inf)"):
+        run_train(config(task, tmp_path, steps=3, estimator="none", reward=[overflowing]))
+    assert "the state after step 1 is saved" in capsys.readouterr().err
+    w = weights(tmp_path)
+    assert all(torch.isfinite(v).all() for v in w.values())
+
+    def too_large(prompts, completions, **kw):  # finite as a Python float, inf as a float32
+        return [1e39] * len(completions)
+
+    with pytest.raises(RewardError, match="must be finite float32"):
+        run_train(config(task, tmp_path / "b", steps=1, reward=[too_large]))
 
 
 def test_an_error_after_the_first_optimiser_step_of_a_step_saves_nothing(task, tmp_path, monkeypatch):
