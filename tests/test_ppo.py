@@ -124,3 +124,23 @@ def test_the_critic_starts_from_the_reward_model_only_if_it_shares_the_policy_to
     assert critic_source(cfg, policy_tok) == str(task / "model")
     cfg.critic_model = "chosen"
     assert critic_source(cfg, policy_tok) == "chosen"
+
+
+def test_a_critic_whose_states_are_narrower_than_its_hidden_size(tmp_path):
+    """OPT-350m projects its last hidden states from hidden_size down to word_embed_proj_dim: the value
+    head takes the width the backbone returns, and the critic saves and loads with it."""
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    tok = toy.make_tokenizer()
+    config = OPTConfig(
+        vocab_size=len(tok), hidden_size=32, word_embed_proj_dim=16, num_hidden_layers=1,
+        num_attention_heads=2, ffn_dim=32, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "opt")
+    tok.save_pretrained(tmp_path / "opt")
+    critic = load_critic(str(tmp_path / "opt"))
+    ids = tok(["ab?cd", "xy?z"], padding=True, return_tensors="pt")
+    values = critic(ids.input_ids, ids.attention_mask, 2)
+    assert values.shape == (2, 2) and critic.value_head.in_features == 16
+    critic.save_pretrained(tmp_path / "saved")
+    assert load_critic(str(tmp_path / "saved")).value_head.in_features == 16

@@ -46,7 +46,7 @@ class Critic(torch.nn.Module):
         super().__init__()
         self.backbone = backbone
         # float32 head whatever the backbone dtype: values are small regression targets.
-        self.value_head = torch.nn.Linear(backbone.config.hidden_size, 1)
+        self.value_head = torch.nn.Linear(_output_width(backbone), 1)
         torch.nn.init.zeros_(self.value_head.weight)  # V = 0 at first: GAE starts as lambda-returns
         torch.nn.init.zeros_(self.value_head.bias)
 
@@ -80,6 +80,15 @@ class Critic(torch.nn.Module):
         )
         head = {k: v.detach().contiguous().cpu() for k, v in part["value_head"].items()}
         save_file(head, str(path / VALUE_HEAD_FILE))
+
+
+def _output_width(backbone) -> int:
+    """Width of the backbone's `last_hidden_state`, read from a one-token forward: not always the
+    config's hidden_size (OPT-350m projects its 1024-wide states down to 512 at the end)."""
+    param = next(backbone.parameters())
+    with torch.no_grad():
+        out = backbone(input_ids=torch.zeros(1, 1, dtype=torch.long, device=param.device))
+    return out.last_hidden_state.shape[-1]
 
 
 def load_critic(path: str, dtype: str = "float32", device="cpu") -> Critic:
