@@ -120,12 +120,20 @@ def context_length(path: str) -> int | None:
         return None
 
 
-def fit_to_context(cfg, key: str, path: str, d, reserve: int = 0):
-    """`cfg` with `key` lowered so that `key` + `reserve` tokens fit the model's positions (with a note
-    where the value was set, not defaulted). Past them, models with learned positions (GPT-2, OPT) fail
-    with an index error and rotary ones degrade."""
-    ctx = context_length(path)
-    if ctx is None or getattr(cfg, key) + reserve <= ctx:
+def fit_to_context(cfg, key: str, paths: str | list[str], d, reserve: int = 0):
+    """`cfg` with `key` lowered so that `key` + `reserve` tokens fit the positions of every model at
+    `paths` (all of them read the same token ids: policy, reference, critic), with a note where the value
+    was set, not defaulted. Past them, models with learned positions (GPT-2, OPT) fail with an index
+    error and rotary ones degrade."""
+    known = [
+        (n, p)
+        for p in dict.fromkeys([paths] if isinstance(paths, str) else paths)
+        if (n := context_length(p))
+    ]
+    if not known:
+        return cfg
+    ctx, path = min(known)
+    if getattr(cfg, key) + reserve <= ctx:
         return cfg
     if reserve >= ctx:
         raise ConfigError(f"max_new_tokens={reserve} leaves no room for a prompt: {path} has {ctx} positions")
@@ -195,7 +203,14 @@ def build_train_stage(cfg, d, resume=None):
     if cfg.prompts_per_step % d.world_size:  # all K samples of a prompt stay on one process
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must divide by {d.world_size} processes")
     tokenizer = load_tokenizer(cfg.model)
-    cfg = fit_to_context(cfg, "max_prompt_length", cfg.model, d, reserve=cfg.max_new_tokens)
+    readers = [cfg.model]  # every model that reads the rollouts' token ids must hold them
+    if cfg.beta > 0 and cfg.ref_model:
+        readers.append(cfg.ref_model)
+    if cfg.algorithm == "ppo":
+        from reinforce_lm.stages.ppo import critic_source
+
+        readers.append(critic_source(cfg, tokenizer))
+    cfg = fit_to_context(cfg, "max_prompt_length", readers, d, reserve=cfg.max_new_tokens)
     if cfg.beta > 0 and cfg.ref_model and cfg.ref_model != cfg.model:
         check_vocabulary(cfg.ref_model, tokenizer, "reference", "--ref-model")
     if cfg.algorithm == "ppo" and cfg.critic_model:

@@ -233,6 +233,22 @@ def test_prompts_are_cut_to_fit_the_model_context(tmp_path, capsys):
         run_train(dataclasses.replace(cfg, max_new_tokens=24, output_dir=str(tmp_path / "o2")))
 
 
+def test_prompts_fit_a_reference_and_critic_shorter_than_the_policy(tmp_path, capsys):
+    """A reference or critic with fewer positions than the policy reads the same token ids: prompts are
+    cut to fit the shortest of them, not to the policy alone (an index error in the reference's forward)."""
+    policy, short = _short_gpt2(tmp_path / "policy", positions=64), _short_gpt2(tmp_path / "short")
+    write_jsonl(tmp_path / "long.jsonl", [{"prompt": "ab" * 20 + "c?", "letter": "c"}] * 4)
+    base = dict(model=str(policy), prompts=str(tmp_path / "long.jsonl"), reward=[REWARD], steps=1,
+                samples_per_prompt=2, prompts_per_step=2, max_new_tokens=6, beta=0.05,
+                progress=False)  # fmt: skip
+    for i, kw in enumerate([dict(ref_model=str(short)), dict(algorithm="ppo", critic_model=str(short))]):
+        assert run_train(TrainConfig(**base, **kw, output_dir=str(tmp_path / f"o{i}"))) == 0
+        assert "max_prompt_length lowered" not in capsys.readouterr().out  # the default, fitted quietly
+    cfg = TrainConfig(**base, ref_model=str(short), max_prompt_length=100, output_dir=str(tmp_path / "o3"))
+    assert run_train(cfg) == 0
+    assert f"lowered from 100 to 18 tokens: {short} has 24 positions" in capsys.readouterr().out
+
+
 def test_a_reference_or_critic_with_another_tokenizer_is_refused(task, tmp_path):
     other = _short_gpt2(tmp_path / "other", positions=64, alphabet="xyz0123456789 ?")
     with pytest.raises(ConfigError, match="--ref-model .*tokenizer differs from the policy's"):
