@@ -48,7 +48,7 @@ def _check_messages(where: str, key: str, messages) -> list[dict]:
     return messages
 
 
-def _render(tokenizer, where: str, messages: list[dict], add_generation_prompt: bool) -> str:
+def render_chat(tokenizer, where: str, messages: list[dict], add_generation_prompt: bool) -> str:
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
         raise DataError(
             f"{where}: a messages row needs a tokenizer with a chat template, and this one has "
@@ -60,6 +60,16 @@ def _render(tokenizer, where: str, messages: list[dict], add_generation_prompt: 
         )
     except Exception as err:
         raise DataError(f"{where}: the chat template failed on these messages: {err}") from None
+
+
+def keep_last(ids: list[int], n: int, bos_id: int | None) -> list[int]:
+    """The last `n` of `ids`, with its first token among them if that is BOS. What a sequence longer
+    than its budget keeps: a prompt keeps the text nearest its completion, a scored text its completion."""
+    if len(ids) <= n:
+        return ids
+    if n > 1 and bos_id is not None and ids[0] == bos_id:
+        return ids[:1] + ids[len(ids) - n + 1 :]
+    return ids[len(ids) - n :]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -82,18 +92,22 @@ def load_prompts(
 ) -> PromptData:
     """Read prompts: a `prompt_column` string used as is, or a `messages_column` list rendered with the
     tokenizer's chat template (with the generation prompt). A row with both uses the prompt column.
-    Other columns are kept, aligned, for reward functions; a row without one of them gets None."""
+    Other columns are kept, aligned, for reward functions; a row without one of them gets None. So is
+    `messages_column`: the conversation a prompt was rendered from (None for a text prompt), which a
+    learned reward model trained on conversations renders again with the completion."""
     rows = read_rows(path)
-    texts, keys = [], {}
+    texts, keys, chats = [], {}, []
     for i, row in enumerate(rows):
         where = rows.locate(i)
+        chats.append(None)
         if row.get(prompt_column) is not None:
             text = row[prompt_column]
             if not isinstance(text, str):
                 raise DataError(f"{where}: column {prompt_column!r} must be text, got {type(text).__name__}")
         elif row.get(messages_column) is not None:
             messages = _check_messages(where, messages_column, row[messages_column])
-            text = _render(tokenizer, where, messages, add_generation_prompt=True)
+            text = render_chat(tokenizer, where, messages, add_generation_prompt=True)
+            chats[-1] = messages
         else:
             raise _missing(where, prompt_column, row, f"{prompt_column!r} or {messages_column!r}")
         if not text.strip():
@@ -101,6 +115,8 @@ def load_prompts(
         texts.append(text)
         keys.update(dict.fromkeys(k for k in row if k not in (prompt_column, messages_column)))
     columns = {k: [row.get(k) for row in rows] for k in keys}
+    if any(c is not None for c in chats):
+        columns[messages_column] = chats
     return PromptData(texts=texts, columns=columns, sources=list(rows.sources))
 
 
@@ -126,15 +142,15 @@ def _messages_sft(tokenizer, where: str, messages: list[dict]) -> tuple[list[int
     """Label the assistant turns only. Template-agnostic: the characters of assistant turn i are those
     between render(messages[:i], generation prompt) and render(messages[:i+1]); tokens whose first
     character falls in such a span get labels (via the fast tokenizer's offsets)."""
-    full = _render(tokenizer, where, messages, add_generation_prompt=False)
+    full = render_chat(tokenizer, where, messages, add_generation_prompt=False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         if not m["content"].strip():
             raise DataError(f"{where}: empty completion (assistant message {i} has no content)")
-        start = _render(tokenizer, where, messages[:i], True) if i else ""
-        upto = _render(tokenizer, where, messages[: i + 1], False)
+        start = render_chat(tokenizer, where, messages[:i], True) if i else ""
+        upto = render_chat(tokenizer, where, messages[: i + 1], False)
         if not (full.startswith(upto) and upto.startswith(start)):
             raise DataError(
                 f"{where}: the chat template does not render conversations prefix by prefix "
@@ -227,8 +243,6 @@ def _pair_ids(tokenizer, where: str, row: dict) -> tuple[list[int], list[int]]:
         if row.get(key) is None:
             raise _missing(where, key, row)
     chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
-    if chosen == rejected:
-        raise DataError(f"{where}: chosen and rejected are the same, so the pair teaches nothing")
     if isinstance(chosen, list) and isinstance(rejected, list):
         # Conversational pair: the prompt (optional) is a message list or a user turn's text.
         head = (
@@ -242,7 +256,9 @@ def _pair_ids(tokenizer, where: str, row: dict) -> tuple[list[int], list[int]]:
         for key, turns in (("chosen", chosen), ("rejected", rejected)):
             messages = _check_messages(where, key, head + turns)
             out.append(
-                tokenizer(_render(tokenizer, where, messages, False), add_special_tokens=False)["input_ids"]
+                tokenizer(render_chat(tokenizer, where, messages, False), add_special_tokens=False)[
+                    "input_ids"
+                ]
             )
         return out[0], out[1]
     if prompt is None:
@@ -274,25 +290,26 @@ def _margin(where: str, value) -> float:
 def load_preferences(path, tokenizer, max_length: int) -> list[dict]:
     """Preference pairs {"chosen_ids", "rejected_ids", "margin"} from `prompt`/`chosen`/`rejected` text
     (prompt + chosen, prompt + rejected) or `chosen`/`rejected` message lists (prompt optional), with an
-    optional `margin` column (0 when absent). Sequences longer than `max_length` are cut from the right;
-    a pair that becomes identical by the cut is skipped. Both are reported in one warning each."""
+    optional `margin` column (0 when absent). Sequences longer than `max_length` keep their last tokens
+    (and BOS), where the responses differ and the score is read, as `rewards.RewardModel` scores them. A
+    pair whose two sides are the same token ids (as given, or once cut) teaches nothing and is skipped.
+    Both are reported in one warning each."""
     rows = read_rows(path)
     pairs, cut, skipped = [], [], []
+    bos = getattr(tokenizer, "bos_token_id", None)
     for i, row in enumerate(rows):
         where = rows.locate(i)
         chosen, rejected = _pair_ids(tokenizer, where, row)
         margin = _margin(where, row.get("margin"))
         if max(len(chosen), len(rejected)) > max_length:
-            chosen, rejected = chosen[:max_length], rejected[:max_length]
-            if chosen == rejected:
-                skipped.append(where)
-                continue
+            chosen, rejected = keep_last(chosen, max_length, bos), keep_last(rejected, max_length, bos)
             cut.append(where)
+        if chosen == rejected:
+            skipped.append(where)
+            continue
         pairs.append({"chosen_ids": chosen, "rejected_ids": rejected, "margin": margin})
-    _warn(cut, f"longer than max_length={max_length} truncated from the right")
-    _warn(
-        skipped, f"skipped: chosen and rejected are identical in their first max_length={max_length} tokens"
-    )
+    _warn(cut, f"longer than max_length={max_length} keep their last {max_length} tokens")
+    _warn(skipped, f"skipped: chosen and rejected are the same tokens (within max_length={max_length})")
     if not pairs:
         raise DataError(f"{path}: every preference pair was skipped")
     return pairs

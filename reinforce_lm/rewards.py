@@ -88,10 +88,21 @@ def _exec_beside(module_spec, module, folder: str) -> None:
 
 
 class RewardModel:
-    """A learned scalar reward: scores prompt+completion text with its own tokenizer (which may differ
-    from the policy's), in batches, right-padded, truncated from the right to `max_length` tokens."""
+    """A learned scalar reward, scoring with its own tokenizer (which may differ from the policy's) the
+    token ids the reward stage trains on (`data.load_preferences`): prompt+completion text, or for a
+    prompt given as a conversation (the `messages_key` column) that conversation with the completion as
+    the assistant's turn, rendered by its chat template. In batches, right-padded; a text longer than
+    `max_length` tokens keeps its last ones (and BOS), so the completion is always scored."""
 
-    def __init__(self, path, device="cpu", dtype=None, batch_size: int = 32, max_length: int = 1024):
+    def __init__(
+        self,
+        path,
+        device="cpu",
+        dtype=None,
+        batch_size: int = 32,
+        max_length: int = 1024,
+        messages_key: str = "messages",
+    ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from reinforce_lm.models import positions, resolve_model_path
@@ -125,20 +136,42 @@ class RewardModel:
         ctx = positions(self.model.config)  # past them, learned position tables raise an index error
         max_length = min(max_length, ctx) if ctx else max_length
         self.device, self.batch_size, self.max_length = torch.device(device), batch_size, max_length
+        self.messages_key = messages_key
         self._warned = False
 
-    def __call__(self, prompts: list[str], completions: list[str], **_) -> list[float]:
-        texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+    def token_ids(self, prompts: list[str], completions: list[str], chats=None) -> list[list[int]]:
+        """What is scored, as `data._pair_ids` tokenizes preference pairs (before any cut)."""
+        from reinforce_lm.data import render_chat
+
+        chats = chats if chats is not None else [None] * len(prompts)
+        templated = getattr(self.tokenizer, "chat_template", None) is not None
+        out: list = [None] * len(prompts)
+        plain = [i for i, chat in enumerate(chats) if not (templated and isinstance(chat, list))]
+        if plain:
+            texts = [prompts[i] + completions[i] for i in plain]
+            for i, ids in zip(plain, self.tokenizer(texts)["input_ids"], strict=True):
+                out[i] = ids
+        for i in (i for i, ids in enumerate(out) if ids is None):
+            turns = [*chats[i], {"role": "assistant", "content": completions[i]}]
+            text = render_chat(self.tokenizer, f"{self.name}, sample {i}", turns, add_generation_prompt=False)
+            out[i] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return out
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
+        from reinforce_lm.data import keep_last
+
+        every = self.token_ids(prompts, completions, columns.get(self.messages_key))
+        if any(len(x) > self.max_length for x in every) and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"{self.name}: texts longer than {self.max_length} tokens keep their last {self.max_length}",
+                stacklevel=2,
+            )
+        bos = self.tokenizer.bos_token_id
+        every = [keep_last(x, self.max_length, bos) for x in every]
         scores = []
-        for start in range(0, len(texts), self.batch_size):
-            ids = self.tokenizer(texts[start : start + self.batch_size])["input_ids"]
-            if any(len(x) > self.max_length for x in ids) and not self._warned:
-                self._warned = True
-                warnings.warn(
-                    f"{self.name}: texts longer than {self.max_length} tokens are cut from the right",
-                    stacklevel=2,
-                )
-            ids = [x[: self.max_length] for x in ids]
+        for start in range(0, len(every), self.batch_size):
+            ids = every[start : start + self.batch_size]
             width = max(len(x) for x in ids)
             input_ids = torch.tensor([x + [self.pad_id] * (width - len(x)) for x in ids], device=self.device)
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.device)
@@ -319,7 +352,11 @@ def _function(spec) -> tuple[str, Callable]:
 
 
 def build_rewards(
-    reward_specs, reward_model_paths, weights: list[float] | None = None, device="cpu"
+    reward_specs,
+    reward_model_paths,
+    weights: list[float] | None = None,
+    device="cpu",
+    messages_column: str = "messages",
 ) -> RewardSet:
     """Reward functions (`file.py:func` / `module:func` strings or callables), then reward models (paths),
     with one weight each (1.0 by default). A single string or callable stands for a list of one."""
@@ -334,7 +371,8 @@ def build_rewards(
             f"{reward_specs} then {len(reward_model_paths)} reward models {reward_model_paths})"
         )
     fns = [_function(spec) for spec in reward_specs]
-    fns += [(m.name, m) for m in (RewardModel(p, device=device) for p in reward_model_paths)]
+    models = (RewardModel(p, device=device, messages_key=messages_column) for p in reward_model_paths)
+    fns += [(m.name, m) for m in models]
     entries, seen = [], {}
     for (name, fn), weight in zip(fns, weights, strict=True):
         seen[name] = seen.get(name, 0) + 1

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from reinforce_lm.data import keep_last
 from reinforce_lm.decoder import lean_decoder, preallocate
 from reinforce_lm.errors import DataError
 from reinforce_lm.models import cache_kwarg, embedding_rows, forward_kwargs, takes_position_ids
@@ -194,10 +195,7 @@ class Sampler:
                 ids = self.tok([prompts[i] for i in which], add_special_tokens=not has_bos)["input_ids"]
                 for i, r in zip(which, ids, strict=True):
                     rows[i] = r
-        n, bos_id = self.max_prompt_length, self.tok.bos_token_id
-        rows = [
-            r if len(r) <= n else (r[:1] + r[1 - n :] if n > 1 and r[0] == bos_id else r[-n:]) for r in rows
-        ]
+        rows = [keep_last(r, self.max_prompt_length, self.tok.bos_token_id) for r in rows]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)

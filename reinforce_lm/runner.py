@@ -219,7 +219,9 @@ def build_train_stage(cfg, d, resume=None):
     eval_prompts = None
     if cfg.eval_prompts:
         eval_prompts = load_prompts(cfg.eval_prompts, tokenizer, cfg.prompt_column, cfg.messages_column)
-    rewards = build_rewards(cfg.reward, cfg.reward_model, cfg.reward_weights or None, device=str(d.device))
+    rewards = build_rewards(
+        cfg.reward, cfg.reward_model, cfg.reward_weights or None, str(d.device), cfg.messages_column
+    )
     rewards.check(prompts.columns)
     policy = load_policy(cfg, d, str(resume) if resume else cfg.model, resume)
     reference = None
@@ -318,7 +320,9 @@ def evaluate(cfg, d):
     tokenizer = load_tokenizer(cfg.model)
     cfg = fit_to_context(cfg, "max_prompt_length", cfg.model, d, reserve=cfg.max_new_tokens)
     prompts = load_prompts(cfg.prompts, tokenizer, cfg.prompt_column, cfg.messages_column)
-    rewards = build_rewards(cfg.reward, cfg.reward_model, cfg.reward_weights or None, device=str(d.device))
+    rewards = build_rewards(
+        cfg.reward, cfg.reward_model, cfg.reward_weights or None, str(d.device), cfg.messages_column
+    )
     rewards.check(prompts.columns)
     model = freeze(load_causal_lm(cfg.model, cfg.dtype, d.device))
     sampler = Sampler.from_config(tokenizer, cfg)

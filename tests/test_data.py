@@ -159,7 +159,8 @@ def test_load_prompts_text_and_messages_with_aligned_columns(tmp_path, tokenizer
     ]
     data = load_prompts(write_jsonl(tmp_path / "p.jsonl", rows), tokenizer)
     assert data.texts == ["a?", "u:b?a:"]  # the toy template with the generation prompt
-    assert data.columns == {"letter": ["a", "b"], "extra": [None, 7]}
+    chat = [None, [{"role": "user", "content": "b?"}]]  # the conversation a prompt was rendered from
+    assert data.columns == {"letter": ["a", "b"], "extra": [None, 7], "messages": chat}
     assert data.sources[1].endswith("p.jsonl:2") and len(data) == 2
 
 
@@ -311,7 +312,6 @@ def test_preferences_text_messages_and_margin(tmp_path, tokenizer):
 @pytest.mark.parametrize(
     "row, match",
     [
-        ({"prompt": "a", "chosen": "x", "rejected": "x"}, r"p\.jsonl:1: chosen and rejected are the same"),
         ({"prompt": "a", "chosen": "x", "rejectd": "y"}, r"p\.jsonl:1: no 'rejected' column.*'rejectd'"),
         ({"promt": "a", "chosen": "x", "rejected": "y"}, r"p\.jsonl:1: no 'prompt' column.*'promt'"),
         ({"prompt": "a", "chosen": "x", "rejected": "y", "margin": "big"}, r"p\.jsonl:1: column 'margin'"),
@@ -325,15 +325,17 @@ def test_preferences_bad_rows(tmp_path, tokenizer, row, match):
 def test_preferences_truncation_reported(tmp_path, tokenizer):
     rows = [
         {"prompt": "a", "chosen": "bcdefgh", "rejected": "c"},
-        {"prompt": "abcdef", "chosen": "x", "rejected": "y"},  # identical once cut to 4 tokens
+        {"prompt": "a", "chosen": "xbcde", "rejected": "ybcde"},  # the same once cut to their last 4
         {"prompt": "a", "chosen": "b", "rejected": "c"},
+        {"prompt": "a", "chosen": "b", "rejected": "b"},  # the same as given: teaches nothing
     ]
     with pytest.warns(UserWarning) as record:
         pairs = load_preferences(write_jsonl(tmp_path / "p.jsonl", rows), tokenizer, max_length=4)
     messages = " | ".join(str(w.message) for w in record)
-    assert "truncated from the right: " in messages and "p.jsonl:1" in messages
-    assert "skipped" in messages and "p.jsonl:2" in messages
-    assert len(pairs) == 2 and len(pairs[0]["chosen_ids"]) == 4
+    assert "keep their last 4 tokens: " in messages and "p.jsonl:1" in messages
+    assert "2 row(s) skipped: chosen and rejected are the same" in messages and "p.jsonl:2, " in messages
+    assert "p.jsonl:4" in messages
+    assert len(pairs) == 2 and pairs[0]["chosen_ids"] == tokenizer("efgh")["input_ids"]
 
 
 def test_split_eval_is_deterministic_and_disjoint():

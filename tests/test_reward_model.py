@@ -155,10 +155,6 @@ def test_reward_model_with_a_different_tokenizer_drives_train(tmp_path, llama_di
 @pytest.mark.parametrize(
     "row, message",
     [
-        (
-            {"prompt": "a?", "chosen": "aa", "rejected": "aa"},
-            r"bad.jsonl:2: chosen and rejected are the same",
-        ),
         ({"prompt": "a?", "chosen": "aa", "rejectd": "bb"}, r"bad.jsonl:2: no 'rejected' column.*'rejectd'"),
         ({"prompt": "a?", "chosen": "aa", "rejected": "b", "margin": "x"}, r"bad.jsonl:2: column 'margin'"),
     ],
@@ -175,7 +171,9 @@ def test_bad_pairs_fail_before_training(tmp_path, llama_dir, capsys, row, messag
 def test_over_long_pairs_are_reported(tmp_path, llama_dir):
     rows = [{"prompt": "a?", "chosen": "aa", "rejected": "bb"}] * 3
     rows += [{"prompt": "a?", "chosen": "a" * 30, "rejected": "b" * 30}]  # cut, still different
-    rows += [{"prompt": "a" * 20 + "?", "chosen": "a", "rejected": "b"}]  # identical once cut: skipped
+    rows += [{"prompt": "a" * 20 + "?", "chosen": "a", "rejected": "b"}]  # cut: the ends still differ
+    rows += [{"prompt": "a?", "chosen": "x" + "a" * 20, "rejected": "y" + "a" * 20}]  # same once cut
+    rows += [{"prompt": "a?", "chosen": "aa", "rejected": "aa"}]  # the same as given
     cfg = RewardConfig(
         model=str(llama_dir),
         data=write_jsonl(tmp_path / "long.jsonl", rows),
@@ -189,8 +187,12 @@ def test_over_long_pairs_are_reported(tmp_path, llama_dir):
     with pytest.warns(UserWarning) as record:
         assert run_reward(cfg) == 0
     text = " ".join(str(w.message) for w in record)
-    assert re.search(r"1 row\(s\) longer than max_length=12 truncated from the right: .*long.jsonl:4", text)
-    assert re.search(r"1 row\(s\) skipped: chosen and rejected are identical .*long.jsonl:5", text)
+    assert re.search(
+        r"3 row\(s\) longer than max_length=12 keep their last 12 tokens: .*long.jsonl:4, ", text
+    )
+    assert re.search(
+        r"2 row\(s\) skipped: chosen and rejected are the same .*long.jsonl:6, .*long.jsonl:7", text
+    )
 
 
 def test_reward_help_hides_the_lora_flags_it_refuses(capsys):

@@ -12,6 +12,7 @@ import torch
 
 from reinforce_lm import toy
 from reinforce_lm.errors import RewardError
+from reinforce_lm.files import write_jsonl
 from reinforce_lm.rewards import RewardModel, RewardSet, build_rewards, load_reward_function
 
 PROMPTS = ["a?", "b?", "c?"]
@@ -282,11 +283,34 @@ def test_reward_model_scores_independent_of_batching(reward_model_dir, tokenizer
     assert rm.name.startswith("reward_model:")
 
 
-def test_reward_model_truncates_and_warns(reward_model_dir):
+def test_reward_model_keeps_the_end_of_long_texts(reward_model_dir):
+    """Past max_length the completion is what is kept (cut from the right, every completion of a long
+    prompt would get the prompt's score)."""
     rm = RewardModel(reward_model_dir, max_length=4)
-    with pytest.warns(UserWarning, match="longer than 4 tokens are cut from the right"):
-        long, short = rm(["abcdef", "abcd"], ["gh", ""])
-    assert long == pytest.approx(short, abs=1e-5)
+    with pytest.warns(UserWarning, match="longer than 4 tokens keep their last 4"):
+        long, short, other = rm(["abcdef", "ef", "abcdef"], ["gh", "gh", "xy"])
+    assert long == pytest.approx(short, abs=1e-5) and long != pytest.approx(other, abs=1e-5)
+
+
+def test_reward_model_scores_conversations_as_the_reward_stage_trained_on_them(reward_model_dir, tmp_path):
+    """A prompt given as messages is scored as that conversation with the completion as the assistant's
+    turn, rendered by the reward model's template (end-of-turn text included), the token ids that
+    `reward` trains on; a text prompt as prompt + completion text."""
+    from reinforce_lm.data import _pair_ids, load_prompts
+
+    rm = RewardModel(reward_model_dir)
+    chat = [{"role": "user", "content": "say a"}]
+    pair = {"prompt": chat, "chosen": [{"role": "assistant", "content": "aa"}], "rejected": []}
+    trained = _pair_ids(rm.tokenizer, "pairs.jsonl:1", pair)[0]
+    rows = write_jsonl(tmp_path / "p.jsonl", [{"messages": chat}, {"prompt": "say a"}])
+    data = load_prompts(rows, toy.make_tokenizer())  # the policy's tokenizer renders the prompt
+    assert data.columns["messages"] == [chat, None]
+    ids = rm.token_ids(data.texts, ["aa", "aa"], data.columns["messages"])
+    assert ids == [trained, rm.tokenizer("say aaa")["input_ids"]]
+    rs = build_rewards([], [str(reward_model_dir)])
+    scores = rs(data.texts, ["aa", "aa"], columns=data.columns)[0]
+    assert scores[0].item() == pytest.approx(rm([""], ["aa"], messages=[chat])[0], abs=1e-5)
+    assert scores[0].item() != pytest.approx(scores[1].item(), abs=1e-5)
 
 
 def test_reward_model_errors(tmp_path):
@@ -351,6 +375,6 @@ def test_reward_model_cuts_texts_to_its_positions(tmp_path):
     tok.save_pretrained(tmp_path)
     rm = RewardModel(str(tmp_path), max_length=1024)
     assert rm.max_length == 24
-    with pytest.warns(UserWarning, match="longer than 24 tokens are cut"):
+    with pytest.warns(UserWarning, match="longer than 24 tokens keep their last 24"):
         scores = rm(["ab" * 30], ["c"])
     assert len(scores) == 1 and math.isfinite(scores[0])

@@ -46,7 +46,7 @@ class RewardConfig(EngineConfig):
         0, "Report eval_accuracy every N steps (0: once per epoch of the data, and at the end)."
     )
     batch_size: int = _f(16, "Preference pairs per optimiser step, over all processes.")
-    max_length: int = _f(1024, "Longest prompt+response in tokens; longer ones are cut from the right.")
+    max_length: int = _f(1024, "Longest prompt+response in tokens; longer ones keep their last tokens.")
     center_rewards_coef: float = _f(
         0.0, "Weight of the centring term (r_chosen + r_rejected)^2 (0 disables)."
     )
