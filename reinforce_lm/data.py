@@ -22,15 +22,21 @@ IGNORE_INDEX = -100  # label value that the cross-entropy loss skips
 _SHOW = 3  # how many row locations a warning lists
 
 
-def _missing(where: str, wanted: str, row: dict, what: str = "") -> DataError:
-    """A DataError for a row without column `wanted`, listing the row's columns and the nearest name."""
-    near = difflib.get_close_matches(wanted, [str(k) for k in row], n=1, cutoff=0.6)
+def _missing(where: str, wanted: str | list[str], row: dict) -> DataError:
+    """A DataError for a row without column `wanted` (or any of them), listing the row's columns and the
+    nearest name, or saying that the column is there but empty."""
+    names = [wanted] if isinstance(wanted, str) else wanted
+    empty = [k for k in names if k in row]
+    if empty:  # there, but null: an empty CSV cell, a JSON null
+        return DataError(f"{where}: column {empty[0]!r} is empty (null)")
+    near = difflib.get_close_matches(names[0], [str(k) for k in row], n=1, cutoff=0.6)
     hint = (
-        f"; is {near[0]!r} a misspelling? rename it to {wanted!r}, or name it with the column option"
+        f"; is {near[0]!r} a misspelling? rename it to {names[0]!r}, or name it with the column option"
         if near
         else ""
     )
-    return DataError(f"{where}: no {what or repr(wanted)} column; this row has {sorted(map(str, row))}{hint}")
+    listed = " or ".join(map(repr, names))
+    return DataError(f"{where}: no {listed} column; this row has {sorted(map(str, row))}{hint}")
 
 
 def _check_messages(where: str, key: str, messages) -> list[dict]:
@@ -109,7 +115,7 @@ def load_prompts(
             text = render_chat(tokenizer, where, messages, add_generation_prompt=True)
             chats[-1] = messages
         else:
-            raise _missing(where, prompt_column, row, f"{prompt_column!r} or {messages_column!r}")
+            raise _missing(where, [prompt_column, messages_column], row)
         if not text.strip():
             raise DataError(f"{where}: empty prompt")
         texts.append(text)
@@ -196,7 +202,7 @@ def load_sft(path, tokenizer, max_length: int, truncate: bool = True) -> list[di
                 continue
             ids, labels = ids[:max_length], labels[:max_length]
             cut.append(where)
-        examples.append({"input_ids": ids, "labels": labels})
+        examples.append({"input_ids": ids, "labels": labels, "source": where})
     _warn(cut, f"longer than max_length={max_length} truncated from the right")
     _warn(
         skipped,
@@ -307,7 +313,7 @@ def load_preferences(path, tokenizer, max_length: int) -> list[dict]:
         if chosen == rejected:
             skipped.append(where)
             continue
-        pairs.append({"chosen_ids": chosen, "rejected_ids": rejected, "margin": margin})
+        pairs.append({"chosen_ids": chosen, "rejected_ids": rejected, "margin": margin, "source": where})
     _warn(cut, f"longer than max_length={max_length} keep their last {max_length} tokens")
     _warn(skipped, f"skipped: chosen and rejected are the same tokens (within max_length={max_length})")
     if not pairs:

@@ -276,10 +276,16 @@ class RewardSet:
         lo, hi = 0, n
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            for a, b in ((lo, mid), (mid, hi)):
-                if (part_err := error_on(a, b)) is not None:
-                    lo, hi, err = a, b, part_err
-                    break
+            left = error_on(lo, mid)
+            if left is not None and hi - lo == n and error_on(mid, hi) is not None:
+                return RewardError(  # both halves fail: a judge that is down, not one sample's fault
+                    f"reward {name!r} raised on the batch of {n} and on each half of it, so it is not one "
+                    f"sample's fault: {type(left).__name__}: {left}{_where_raised(left)}"
+                )
+            if left is not None:
+                hi, err = mid, left
+            elif (right := error_on(mid, hi)) is not None:
+                lo, err = mid, right
             else:
                 break  # samples lo..hi-1 raise together, neither half alone
         if hi - lo == 1:

@@ -14,6 +14,7 @@ Two backends behind one interface, `sampler.sample(model, prompts, group_ids, k,
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -159,6 +160,7 @@ class Sampler:
         # Under FSDP every forward all-gathers across ranks, so all ranks must decode the same number
         # of steps: `sync_stop(local_done) -> bool` makes "all sequences finished" global (Dist.all_true).
         self.sync_stop = None
+        self._warned_cut = False
 
     @classmethod
     def from_config(cls, tokenizer, cfg) -> Sampler:
@@ -195,6 +197,10 @@ class Sampler:
                 ids = self.tok([prompts[i] for i in which], add_special_tokens=not has_bos)["input_ids"]
                 for i, r in zip(which, ids, strict=True):
                     rows[i] = r
+        if not self._warned_cut and any(len(r) > self.max_prompt_length for r in rows):
+            self._warned_cut = True  # once a run
+            warnings.warn(f"prompts longer than max_prompt_length={self.max_prompt_length} tokens keep their "
+                          "last ones (and BOS)", stacklevel=3)  # fmt: skip
         rows = [keep_last(r, self.max_prompt_length, self.tok.bos_token_id) for r in rows]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)

@@ -104,8 +104,9 @@ def check_token_ids(model, tokenizer, examples: list[dict], keys: tuple[str, ...
     for i, ex in enumerate(examples):
         for key in keys:
             if ex[key] and max(ex[key]) >= rows:
+                where = ex.get("source") or f"{path}: example {i}"  # packed examples have no one row
                 raise DataError(
-                    f"{path}: example {i} has token id {max(ex[key])}, but the model's embedding has {rows} "
+                    f"{where} has token id {max(ex[key])}, but the model's embedding has {rows} "
                     "rows: its tokenizer has tokens the model was not resized for (resize_token_embeddings)"
                 )
 

@@ -179,6 +179,7 @@ def test_load_prompts_custom_column(tmp_path, tokenizer):
             r"p\.jsonl:2: no 'prompt' or 'messages' column; this row has \['promt'\]; "
             r"is 'promt' a misspelling\? rename it to 'prompt'",
         ),
+        ({"prompt": None, "answer": 1}, r"p\.jsonl:2: column 'prompt' is empty \(null\)"),
         ({"prompt": 3}, r"p\.jsonl:2: column 'prompt' must be text, got int"),
         ({"prompt": "  "}, r"p\.jsonl:2: empty prompt"),
         ({"messages": "hi"}, r"p\.jsonl:2: column 'messages' must be a non-empty list"),
@@ -299,6 +300,7 @@ def test_preferences_text_messages_and_margin(tmp_path, tokenizer):
         "chosen_ids": tokenizer("a?aa")["input_ids"],
         "rejected_ids": tokenizer("a?bb")["input_ids"],
         "margin": 0.5,
+        "source": f"{tmp_path / 'p.jsonl'}:1",  # named in errors found later (token ids, ...)
     }
     assert pairs[1]["chosen_ids"] == tokenizer("u:a?a:a<eos>")["input_ids"] and pairs[1]["margin"] == 0.0
     assert pairs[2]["rejected_ids"] == tokenizer("u:c?a:d<eos>")["input_ids"]

@@ -192,7 +192,8 @@ def test_long_prompts_keep_their_last_tokens_and_their_bos(tokenizer):
     """--max-prompt-length cuts from the left, but a BOS (here written by a chat template) stays first."""
     sampler = Sampler(tokenizer, max_new_tokens=2, max_prompt_length=5)
     bos = tokenizer.bos_token
-    ids, mask = sampler.encode([bos + "abcdefgh?", bos + "ab?"], "cpu")
+    with pytest.warns(UserWarning, match="longer than max_prompt_length=5 tokens keep their last"):
+        ids, mask = sampler.encode([bos + "abcdefgh?", bos + "ab?"], "cpu")
     assert tokenizer.convert_ids_to_tokens(ids[0].tolist()) == [bos, "f", "g", "h", "?"]
     assert tokenizer.convert_ids_to_tokens(ids[1][mask[1].bool()].tolist()) == [bos, "a", "b", "?"]
     assert mask.tolist() == [[1] * 5, [0, 1, 1, 1, 1]]

@@ -159,11 +159,10 @@ def test_a_token_past_the_embedding_is_a_data_error(tmp_path):
     model.resize_token_embeddings(len(tok) - 3)  # the last 3 characters have no row
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    write_jsonl(
-        tmp_path / "d.jsonl", [{"prompt": "a?", "completion": "aa"}, {"prompt": "b?", "completion": "b."}]
-    )
+    rows = [{"prompt": "a?", "completion": "aa"}] * 3 + [{"prompt": "b?", "completion": "b."}]
+    write_jsonl(tmp_path / "d.jsonl", rows)
     cfg = SFTConfig(model=str(tmp_path / "m"), data=str(tmp_path / "d.jsonl"), output_dir=str(tmp_path / "o"),
-                    steps=1, eval_fraction=0.0, progress=False)  # fmt: skip
+                    steps=1, eval_fraction=0.25, progress=False)  # fmt: skip
     dot = tok.convert_tokens_to_ids(".")  # one of the last 3
-    with pytest.raises(DataError, match=rf"d.jsonl: example 1 has token id {dot}, but the model"):
+    with pytest.raises(DataError, match=rf"d.jsonl:4 has token id {dot}, but the model"):  # the file's line
         run_sft(cfg)
