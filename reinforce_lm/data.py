@@ -313,7 +313,12 @@ def load_preferences(path, tokenizer, max_length: int) -> list[dict]:
         if chosen == rejected:
             skipped.append(where)
             continue
-        pairs.append({"chosen_ids": chosen, "rejected_ids": rejected, "margin": margin, "source": where})
+        chat = isinstance(
+            row["chosen"], list
+        )  # how it was rendered: `rewards.RewardModel` scores the same way
+        pairs.append(
+            {"chosen_ids": chosen, "rejected_ids": rejected, "margin": margin, "source": where, "chat": chat}
+        )
     _warn(cut, f"longer than max_length={max_length} keep their last {max_length} tokens")
     _warn(skipped, f"skipped: chosen and rejected are the same tokens (within max_length={max_length})")
     if not pairs:

@@ -27,4 +27,4 @@ class CheckpointError(ReinforceLMError):
 
 
 class TrainingError(ReinforceLMError):
-    """A step that cannot be taken: a non-finite loss or gradient."""
+    """An update that cannot be taken: a non-finite gradient norm."""

@@ -91,7 +91,8 @@ class RewardModel:
     """A learned scalar reward, scoring with its own tokenizer (which may differ from the policy's) the
     token ids the reward stage trains on (`data.load_preferences`): prompt+completion text, or for a
     prompt given as a conversation (the `messages_key` column) that conversation with the completion as
-    the assistant's turn, rendered by its chat template. In batches, right-padded; a text longer than
+    the assistant's turn, rendered by its chat template (unless the reward stage recorded in its
+    config that it trained on text pairs only). In batches, right-padded; a text longer than
     `max_length` tokens keeps its last ones (and BOS), so the completion is always scored."""
 
     def __init__(
@@ -144,7 +145,9 @@ class RewardModel:
         from reinforce_lm.data import render_chat
 
         chats = chats if chats is not None else [None] * len(prompts)
+        # A model `reinforce-lm reward` trained on text pairs scores text; others render conversations.
         templated = getattr(self.tokenizer, "chat_template", None) is not None
+        templated &= getattr(self.model.config, "reinforce_lm_pairs", None) != "text"
         out: list = [None] * len(prompts)
         plain = [i for i, chat in enumerate(chats) if not (templated and isinstance(chat, list))]
         if plain:
@@ -273,33 +276,36 @@ class RewardSet:
             return None
 
         n = len(everything["completions"])
-        lo, hi = 0, n
+        lo, hi, also = 0, n, None
         while hi - lo > 1:
             mid = (lo + hi) // 2
             left = error_on(lo, mid)
-            if left is not None and hi - lo == n and error_on(mid, hi) is not None:
-                return RewardError(  # both halves fail: a judge that is down, not one sample's fault
-                    f"reward {name!r} raised on the batch of {n} and on each half of it, so it is not one "
-                    f"sample's fault: {type(left).__name__}: {left}{_where_raised(left)}"
-                )
+            if left is not None and hi - lo == n:  # the other half too? then it may be no one sample's
+                also = error_on(mid, hi)
             if left is not None:
                 hi, err = mid, left
             elif (right := error_on(mid, hi)) is not None:
                 lo, err = mid, right
             else:
                 break  # samples lo..hi-1 raise together, neither half alone
+        more = (
+            ""
+            if also is None
+            else f" (the other half of the batch raised too: {type(also).__name__}: {_shorten(str(also))}; "
+            "a reward that fails on every call, such as a judge that is down, looks like this)"
+        )
         if hi - lo == 1:
             source = "" if sources is None else f"{sources[lo]}, "
             return RewardError(
                 f"reward {name!r} raised on sample {lo} ({source}"
                 f"prompt {_shorten(everything['prompts'][lo])}, "
                 f"completion {_shorten(everything['completions'][lo])}): "
-                f"{type(err).__name__}: {err}{_where_raised(err)}"
+                f"{type(err).__name__}: {err}{_where_raised(err)}{more}"
             )
         return RewardError(
             f"reward {name!r} raised on the batch of {n}, but no single sample could be blamed "
             f"(samples {lo}..{hi - 1} raise together, but no half of them alone): "
-            f"{type(err).__name__}: {err}{_where_raised(err)}"
+            f"{type(err).__name__}: {err}{_where_raised(err)}{more}"
         )
 
     @staticmethod

@@ -17,7 +17,7 @@ import torch
 
 from reinforce_lm import checkpoint, distributed
 from reinforce_lm.data import load_prompts
-from reinforce_lm.errors import ConfigError, DataError, ReinforceLMError
+from reinforce_lm.errors import ConfigError, DataError, RewardError
 from reinforce_lm.metrics import MetricsLogger
 from reinforce_lm.models import (
     RefViaDisabledAdapter,
@@ -147,8 +147,8 @@ def fit_to_context(cfg, key: str, paths: str | list[str], d, reserve: int = 0):
 
 # What a run's checkpoints depend on: resuming with another value cannot load them (command, algorithm,
 # LoRA rank), would train against another reference (model, ref_model), or would be silently ignored
-# because the schedule resumes from the checkpoint (lr).
-_KIND = ("command", "algorithm", "lora_r", "model", "ref_model", "lr")
+# because the schedule resumes from the checkpoint (lr, critic_lr).
+_KIND = ("command", "algorithm", "lora_r", "model", "ref_model", "lr", "critic_lr")
 
 
 def _kind(options: dict) -> dict:
@@ -223,7 +223,9 @@ def build_train_stage(cfg, d, resume=None):
     rewards = build_rewards(
         cfg.reward, cfg.reward_model, cfg.reward_weights or None, str(d.device), cfg.messages_column
     )
-    rewards.check(prompts.columns)
+    for data in (prompts, eval_prompts):  # a column a reward needs is missing: say so before training
+        if data is not None:
+            rewards.check(data.columns)
     policy = load_policy(cfg, d, str(resume) if resume else cfg.model, resume)
     reference = None
     if cfg.beta > 0:  # beta == 0: no reference model is loaded at all
@@ -296,7 +298,7 @@ def run_stage(cfg, build, use_as: str = "--model") -> int:
             if resume is None:
                 log_initial_eval(stage, cfg, d)
             result = fit(stage, cfg, d, resume_from=resume)
-        except ReinforceLMError as err:
+        except (RewardError, DataError) as err:
             if d.world_size > 1:  # this process's prompts or rewards: the others may not have hit it
                 err.rank = d.rank
             raise

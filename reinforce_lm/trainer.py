@@ -226,19 +226,21 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
                             (loss * d.world_size).backward()
                         for k, v in m.items():
                             sums[k] = sums.get(k, 0.0) + float(v)
-                    for (name, module, _), opt in zip(groups, optimizers, strict=True):
+                    norms = {}  # every group's norm first: none steps if one is not finite
+                    for name, module, _ in groups:
                         if cfg.max_grad_norm > 0:
                             gn = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
                         else:
                             gn = _grad_norm(module)
-                        key = "grad_norm" if name == "policy" else f"grad_norm_{name}"
-                        sums[key] = sums.get(key, 0.0) + as_float(gn)
-                        if not math.isfinite(sums[key]):  # stepping would make every weight NaN
-                            raise TrainingError(
-                                f"step {step}: the {name}'s gradient norm is {as_float(gn)} (loss "
-                                f"{sums.get('loss', float('nan')):.4g}); the weights were not updated. "
-                                "Look for non-finite rewards or log-probs, or lower --lr"
-                            )
+                        norms["grad_norm" if name == "policy" else f"grad_norm_{name}"] = as_float(gn)
+                    if bad := [f"{k} {v}" for k, v in norms.items() if not math.isfinite(v)]:
+                        raise TrainingError(  # stepping would make every weight NaN
+                            f"step {step}: {', '.join(bad)}; this update was not applied"
+                            + ("" if safe["step"] is not None else " (earlier updates of this step were)")
+                            + ". Look for non-finite rewards or log-probs, or lower --lr"
+                        )
+                    for (key, v), opt in zip(norms.items(), optimizers, strict=True):
+                        sums[key] = sums.get(key, 0.0) + v
                         opt.step()
                         safe["step"] = None  # weights changed: mid-step until the step ends
                         opt.zero_grad(set_to_none=True)

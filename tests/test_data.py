@@ -301,7 +301,9 @@ def test_preferences_text_messages_and_margin(tmp_path, tokenizer):
         "rejected_ids": tokenizer("a?bb")["input_ids"],
         "margin": 0.5,
         "source": f"{tmp_path / 'p.jsonl'}:1",  # named in errors found later (token ids, ...)
+        "chat": False,  # text, not messages: how a reward model trained on it scores completions
     }
+    assert [p["chat"] for p in pairs] == [False, True, True]
     assert pairs[1]["chosen_ids"] == tokenizer("u:a?a:a<eos>")["input_ids"] and pairs[1]["margin"] == 0.0
     assert pairs[2]["rejected_ids"] == tokenizer("u:c?a:d<eos>")["input_ids"]
     batch = collate_preferences(pairs, pad_id=tokenizer.pad_token_id)

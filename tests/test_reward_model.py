@@ -3,6 +3,7 @@ pairs, the saved directory scoring completions in `train`, a different tokenizer
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from types import SimpleNamespace
@@ -142,6 +143,7 @@ def test_reward_model_with_a_different_tokenizer_drives_train(tmp_path, llama_di
     data = write_jsonl(tmp_path / "pairs.jsonl", letter_pairs(32, seed=0))
     cli.main(rm_args(base, data, tmp_path / "rm", "--steps", "2", "--batch-size", "8"))
     rm_path = tmp_path / "rm" / (tmp_path / "rm" / "latest").read_text().strip()
+    assert json.loads((rm_path / "config.json").read_text())["reinforce_lm_pairs"] == "text"  # as RL scores
     prompts = write_jsonl(tmp_path / "prompts.jsonl", toy.letter_prompts(8, seed=0))
     cli.main(
         ["train", "--model", str(llama_dir), "--reward-model", str(rm_path), "--prompts", prompts]

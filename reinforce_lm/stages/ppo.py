@@ -83,8 +83,13 @@ class Critic(torch.nn.Module):
 
 
 def _output_width(backbone) -> int:
-    """Width of the backbone's `last_hidden_state`, read from a one-token forward: not always the
-    config's hidden_size (OPT-350m projects its 1024-wide states down to 512 at the end)."""
+    """Width of the backbone's `last_hidden_state`: its config's hidden size, except where the last states
+    are projected to another width (OPT-350m: 1024-wide layers, 512-wide output, `word_embed_proj_dim`).
+    A config that names neither is asked by a one-token forward."""
+    cfg = backbone.config.get_text_config()
+    width = getattr(cfg, "word_embed_proj_dim", None) or getattr(cfg, "hidden_size", None)
+    if width:
+        return width
     param = next(backbone.parameters())
     with torch.no_grad():
         out = backbone(input_ids=torch.zeros(1, 1, dtype=torch.long, device=param.device))

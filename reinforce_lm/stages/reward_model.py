@@ -193,6 +193,9 @@ def build_reward_stage(cfg: RewardConfig, d: Dist, resume=None) -> RewardStage:
     sharded = cfg.fsdp and d.enabled  # FSDP shards from CPU memory, moving shard by shard
     model = load_reward_backbone(source, tokenizer, cfg.dtype, "cpu" if sharded else d.device)
     check_token_ids(model, tokenizer, train + held_out, ("chosen_ids", "rejected_ids"), cfg.data)
+    # Saved in config.json: RL then scores completions as these pairs were rendered (rewards.RewardModel).
+    chat = {p["chat"] for p in train + held_out}
+    model.config.reinforce_lm_pairs = "messages" if chat == {True} else "text" if chat == {False} else "mixed"
     disable_dropout(model)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
