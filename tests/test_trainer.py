@@ -227,7 +227,8 @@ def test_prompts_are_cut_to_fit_the_model_context(tmp_path, capsys):
     cfg = TrainConfig(model=str(model), prompts=str(tmp_path / "long.jsonl"), reward=[REWARD], steps=1,
                       samples_per_prompt=2, prompts_per_step=2, max_new_tokens=6, beta=0.05,
                       max_prompt_length=100, output_dir=str(tmp_path / "o"), progress=False)  # fmt: skip
-    assert run_train(cfg) == 0
+    with pytest.warns(UserWarning, match="prompts longer than max_prompt_length=18 tokens keep their last"):
+        assert run_train(cfg) == 0
     assert "max_prompt_length lowered from 100 to 18 tokens" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="max_new_tokens=24 leaves no room for a prompt"):
         run_train(dataclasses.replace(cfg, max_new_tokens=24, output_dir=str(tmp_path / "o2")))
@@ -242,10 +243,12 @@ def test_prompts_fit_a_reference_and_critic_shorter_than_the_policy(tmp_path, ca
                 samples_per_prompt=2, prompts_per_step=2, max_new_tokens=6, beta=0.05,
                 progress=False)  # fmt: skip
     for i, kw in enumerate([dict(ref_model=str(short)), dict(algorithm="ppo", critic_model=str(short))]):
-        assert run_train(TrainConfig(**base, **kw, output_dir=str(tmp_path / f"o{i}"))) == 0
+        with pytest.warns(UserWarning, match="max_prompt_length=18 tokens"):  # 24 positions - 6 new tokens
+            assert run_train(TrainConfig(**base, **kw, output_dir=str(tmp_path / f"o{i}"))) == 0
         assert "max_prompt_length lowered" not in capsys.readouterr().out  # the default, fitted quietly
     cfg = TrainConfig(**base, ref_model=str(short), max_prompt_length=100, output_dir=str(tmp_path / "o3"))
-    assert run_train(cfg) == 0
+    with pytest.warns(UserWarning, match="max_prompt_length=18 tokens"):
+        assert run_train(cfg) == 0
     assert f"lowered from 100 to 18 tokens: {short} has 24 positions" in capsys.readouterr().out
 
 
