@@ -77,6 +77,14 @@ def test_metrics_have_the_documented_keys(task, tmp_path):
     assert row["step"] == 2
 
 
+def test_the_kl_is_logged_without_sampling_log_probs(task, tmp_path):
+    """The hf backend returns no log-probs of its samples: on-policy, the KL metric comes from the loss's
+    own KL (k3: never negative) instead of being left out."""
+    run_train(config(task, tmp_path, steps=2, beta=0.05, generation_backend="hf"))
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "kl_loss" in r]
+    assert len(rows) == 2 and all(r["kl"] >= 0 and r["kl"] == pytest.approx(r["kl_loss"]) for r in rows)
+
+
 def test_reference_is_frozen_and_beta_zero_loads_none(task, tmp_path, monkeypatch):
     d = distributed.setup("cpu")
     cfg = config(task, tmp_path / "a", beta=0.1, kl_in="loss", steps=3)

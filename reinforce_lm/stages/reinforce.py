@@ -67,6 +67,7 @@ class ReinforceStage:
         self.sampler = Sampler.from_config(tokenizer, cfg)
         self.running_mean = A.RunningMean(cfg.running_mean_decay)
         self.off_policy = cfg.updates_per_batch > 1 or cfg.minibatches > 1
+        self._kl_from_loss = False  # set by collect: the KL metric comes from the loss (see `loss`)
 
     # -- the loop's interface ------------------------------------------------------------------
     def param_groups(self):
@@ -153,6 +154,7 @@ class ReinforceStage:
         token_rewards, penalty, kl = None, None, None
         if ref_logp is not None and old_logp is not None:
             kl = A.kl_divergence(old_logp, ref_logp, cfg.kl_estimator) * mask  # [B, T]
+        self._kl_from_loss = kl is None and ref_logp is not None
         if cfg.beta > 0 and cfg.kl_in == "reward":
             if cfg.credit == "token":
                 token_rewards = -cfg.beta * kl
@@ -241,6 +243,8 @@ class ReinforceStage:
             kl_loss = A.aggregate_loss(kl, mask, cfg.loss_agg, normalizer=norm, max_len=cfg.max_new_tokens)
             loss = loss + cfg.beta * kl_loss
             metrics["kl_loss"] = kl_loss.item()
+            if self._kl_from_loss:  # no sampling log-probs (hf backend): the on-policy KL is this one
+                metrics["kl"] = ((kl.detach() * mask).sum() / tok).item()
         if old is not None:
             metrics["clip_fraction"] = (
                 A.clip_fraction(logp, old, mask, cfg.clip_eps) * mask.sum() / tok
