@@ -68,6 +68,12 @@ def render_chat(tokenizer, where: str, messages: list[dict], add_generation_prom
         raise DataError(f"{where}: the chat template failed on these messages: {err}") from None
 
 
+def conversation_ids(tokenizer, where: str, messages: list[dict]) -> list[int]:
+    """Token ids of a whole conversation as its chat template renders it (the template writes any special
+    tokens itself): what a reward model is trained on and scores (`rewards.RewardModel`)."""
+    return tokenizer(render_chat(tokenizer, where, messages, False), add_special_tokens=False)["input_ids"]
+
+
 def keep_last(ids: list[int], n: int, bos_id: int | None) -> list[int]:
     """The last `n` of `ids`, with its first token among them if that is BOS. What a sequence longer
     than its budget keeps: a prompt keeps the text nearest its completion, a scored text its completion."""
@@ -261,11 +267,7 @@ def _pair_ids(tokenizer, where: str, row: dict) -> tuple[list[int], list[int]]:
         out = []
         for key, turns in (("chosen", chosen), ("rejected", rejected)):
             messages = _check_messages(where, key, head + turns)
-            out.append(
-                tokenizer(render_chat(tokenizer, where, messages, False), add_special_tokens=False)[
-                    "input_ids"
-                ]
-            )
+            out.append(conversation_ids(tokenizer, where, messages))
         return out[0], out[1]
     if prompt is None:
         raise _missing(where, "prompt", row)
@@ -313,9 +315,7 @@ def load_preferences(path, tokenizer, max_length: int) -> list[dict]:
         if chosen == rejected:
             skipped.append(where)
             continue
-        chat = isinstance(
-            row["chosen"], list
-        )  # how it was rendered: `rewards.RewardModel` scores the same way
+        chat = isinstance(row["chosen"], list)  # how it was rendered; `rewards.RewardModel` scores alike
         pairs.append(
             {"chosen_ids": chosen, "rejected_ids": rejected, "margin": margin, "source": where, "chat": chat}
         )

@@ -142,7 +142,7 @@ class RewardModel:
 
     def token_ids(self, prompts: list[str], completions: list[str], chats=None) -> list[list[int]]:
         """What is scored, as `data._pair_ids` tokenizes preference pairs (before any cut)."""
-        from reinforce_lm.data import render_chat
+        from reinforce_lm.data import conversation_ids
 
         chats = chats if chats is not None else [None] * len(prompts)
         # A model `reinforce-lm reward` trained on text pairs scores text; others render conversations.
@@ -156,8 +156,7 @@ class RewardModel:
                 out[i] = ids
         for i in (i for i, ids in enumerate(out) if ids is None):
             turns = [*chats[i], {"role": "assistant", "content": completions[i]}]
-            text = render_chat(self.tokenizer, f"{self.name}, sample {i}", turns, add_generation_prompt=False)
-            out[i] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            out[i] = conversation_ids(self.tokenizer, f"{self.name}, sample {i}", turns)
         return out
 
     def __call__(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
