@@ -99,7 +99,7 @@ def split(batch: Batch, index: torch.Tensor, parts: int) -> list[Batch]:
 
 class GracefulInterrupt:
     """First Ctrl-C asks the loop to stop after the current step (and checkpoint); the second is immediate.
-    An exception (not a second Ctrl-C) calls `on_error` on its way out, to save what can be saved."""
+    An exception (not a second Ctrl-C) calls `on_error(exception)` on its way out, to save what can be."""
 
     def __init__(self, on_error=None):
         self.requested = False
@@ -124,7 +124,7 @@ class GracefulInterrupt:
             signal.signal(signal.SIGINT, self.previous)
         if exc_type is not None and issubclass(exc_type, Exception) and self.on_error is not None:
             try:
-                self.on_error()
+                self.on_error(exc)
             except Exception as err:  # the original error matters more than this one
                 print(f"could not save a checkpoint after the error: {err!r}", file=sys.stderr)
         return False
@@ -188,12 +188,17 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
     amp = functools.partial(autocast, d.device, cfg.mixed_precision)  # bf16 forwards, fp32 master weights
     step, last_saved, interrupted = start, None, False
 
-    def save_on_error():
-        if safe["step"] in (None, safe["saved"]) or d.world_size > 1:
+    def save_on_error(err: Exception):
+        # One process, or an error that every process meets at the same point (the gradient norm is
+        # global): the save is collective. Any other error may be one rank's alone, which cannot save.
+        together = isinstance(err, TrainingError)
+        if safe["step"] in (None, safe["saved"]) or (d.world_size > 1 and not together):
             return
         path = save(safe["step"], safe["rng"], safe["stage"])
-        print(f"error in step {safe['step'] + 1}: the state after step {safe['step']} is saved at {path}; "
-              "fix the cause and pass --resume to continue from it", file=sys.stderr)  # fmt: skip
+        if d.is_main:
+            step_ = safe["step"]
+            print(f"error in step {step_ + 1}: the state after step {step_} is saved at {path}; fix the "
+                  "cause and pass --resume to continue from it", file=sys.stderr)  # fmt: skip
 
     with GracefulInterrupt(save_on_error) as interrupt:
         for step in range(start + 1, cfg.steps + 1):

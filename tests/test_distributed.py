@@ -214,6 +214,12 @@ def fails_on_rank_1(prompts, completions, **kw):
         raise ValueError("rank 1's reward service is down")
     return letter_reward(prompts, completions, **kw)
 
+def overflows_in_step_2(prompts, completions, **kw):  # on every rank: a non-finite gradient norm
+    calls.append(1)
+    if len(calls) == 2:
+        return [3e38 if i % 2 else -3e38 for i in range(len(completions))]
+    return letter_reward(prompts, completions, **kw)
+
 def ctrl_c_on_rank_1(prompts, completions, **kw):
     calls.append(1)
     if os.environ["RANK"] == "1" and len(calls) == 2:  # during step 2, this process only
@@ -231,8 +237,8 @@ def test_what_one_rank_alone_meets_stops_every_rank(setup, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
-    def run(reward: str, out: Path) -> subprocess.CompletedProcess:
-        argv = args(model, prompts, out, "grpo", 4, f"--reward={rewards}:{reward}")
+    def run(reward: str, out: Path, estimator: str = "grpo") -> subprocess.CompletedProcess:
+        argv = args(model, prompts, out, estimator, 4, f"--reward={rewards}:{reward}")
         argv = [a for a in argv if not a.startswith("--reward=reinforce_lm")]
         return subprocess.run(
             [*cmd, "reinforce_lm", *argv], env=env, capture_output=True, text=True, timeout=300
@@ -241,6 +247,12 @@ def test_what_one_rank_alone_meets_stops_every_rank(setup, tmp_path):
     p = run("fails_on_rank_1", tmp_path / "err")
     assert p.returncode != 0
     assert "error on rank 1" in p.stderr and "rank 1's reward service is down" in p.stderr, p.stderr[-3000:]
+
+    # every rank meets a non-finite gradient norm in step 2: together they save the state after step 1
+    p = run("overflows_in_step_2", tmp_path / "nan", estimator="none")
+    assert p.returncode != 0 and "the state after step 1 is saved" in p.stderr, p.stderr[-3000:]
+    assert p.stderr.count("this update was not applied") == 1  # every rank meets it: rank 0 says it
+    assert (tmp_path / "nan" / "checkpoint-1" / "model.safetensors").exists()
 
     p = run("ctrl_c_on_rank_1", tmp_path / "int")
     assert [r["step"] for r in read_metrics(tmp_path / "int" / "metrics.jsonl")] == [1, 2], p.stderr[-3000:]
