@@ -10,7 +10,9 @@ because the CPU is shared. Identical work for both: the same model directory (be
 prompts of one fixed token length, P prompts x K samples per step, completions of exactly T tokens
 (EOS cannot be sampled, see bench/common.py), fp32, AdamW at the same constant learning rate, gradient
 clipping at 1, the same micro-batch size and beta (0 loads no reference model in either), and the same
-number of steps. The first `--warmup` steps are not timed. Tokens per second = completion tokens of the
+number of steps. Activation checkpointing is each trainer's default unless `--checkpointing both` or
+`neither` sets it alike (TRL's GRPOConfig turns it on by default, reinforce-lm does not). The first
+`--warmup` steps are not timed. Tokens per second = completion tokens of the
 timed steps / wall time from the end of the last warm-up step to the end of the last step.
 """
 
