@@ -85,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _load_stage_commands()
+    try:
+        _load_stage_commands()  # imports torch and transformers: the first seconds of every command
+    except KeyboardInterrupt:
+        print("reinforce-lm: interrupted", file=sys.stderr)
+        sys.exit(130)
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

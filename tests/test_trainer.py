@@ -445,7 +445,8 @@ def test_a_config_error_is_printed_by_rank_0_only(task, tmp_path, monkeypatch, c
 
 
 def test_ctrl_c_before_training_exits_130_without_a_traceback(task, tmp_path, monkeypatch, capsys):
-    """Ctrl-C while models load (before the loop's own handler): exit code 130 and one line."""
+    """Ctrl-C while models load or torch imports (before the loop's own handler): exit code 130 and one
+    line, no traceback."""
     from reinforce_lm import runner
 
     def loading(*_):
@@ -456,6 +457,11 @@ def test_ctrl_c_before_training_exits_130_without_a_traceback(task, tmp_path, mo
         cli.main(args(task, tmp_path))
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.strip() == "reinforce-lm train: interrupted"
+    monkeypatch.setattr(cli, "_load_stage_commands", loading)  # earlier still: while torch imports
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args(task, tmp_path))
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == "reinforce-lm: interrupted"
 
 
 # ---------------------------------------------------------------------------------------------
