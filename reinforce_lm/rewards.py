@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .data import _pad, conversation_ids, keep_last
 from .errors import RewardError
 
 
@@ -142,26 +143,23 @@ class RewardModel:
 
     def token_ids(self, prompts: list[str], completions: list[str], chats=None) -> list[list[int]]:
         """What is scored, as `data._pair_ids` tokenizes preference pairs (before any cut)."""
-        from reinforce_lm.data import conversation_ids
-
         chats = chats if chats is not None else [None] * len(prompts)
         # A model `reinforce-lm reward` trained on text pairs scores text; others render conversations.
         templated = getattr(self.tokenizer, "chat_template", None) is not None
         templated &= getattr(self.model.config, "reinforce_lm_pairs", None) != "text"
+        is_chat = [templated and isinstance(chat, list) for chat in chats]
+        plain = [i for i, c in enumerate(is_chat) if not c]
         out: list = [None] * len(prompts)
-        plain = [i for i, chat in enumerate(chats) if not (templated and isinstance(chat, list))]
         if plain:
             texts = [prompts[i] + completions[i] for i in plain]
             for i, ids in zip(plain, self.tokenizer(texts)["input_ids"], strict=True):
                 out[i] = ids
-        for i in (i for i, ids in enumerate(out) if ids is None):
+        for i in (i for i, c in enumerate(is_chat) if c):
             turns = [*chats[i], {"role": "assistant", "content": completions[i]}]
             out[i] = conversation_ids(self.tokenizer, f"{self.name}, sample {i}", turns)
         return out
 
     def __call__(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
-        from reinforce_lm.data import keep_last
-
         every = self.token_ids(prompts, completions, columns.get(self.messages_key))
         if any(len(x) > self.max_length for x in every) and not self._warned:
             self._warned = True
@@ -174,9 +172,8 @@ class RewardModel:
         scores = []
         for start in range(0, len(every), self.batch_size):
             ids = every[start : start + self.batch_size]
-            width = max(len(x) for x in ids)
-            input_ids = torch.tensor([x + [self.pad_id] * (width - len(x)) for x in ids], device=self.device)
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.device)
+            input_ids = _pad(ids, self.pad_id).to(self.device)  # [b, L], right-padded
+            mask = _pad([[1] * len(x) for x in ids], 0).to(self.device)  # [b, L]
             with torch.inference_mode():
                 logits = self.model(input_ids=input_ids, attention_mask=mask).logits  # [b, 1]
             scores.extend(logits[:, 0].float().tolist())
