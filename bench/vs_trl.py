@@ -14,6 +14,13 @@ number of steps. Activation checkpointing is each trainer's default unless `--ch
 `neither` sets it alike (TRL's GRPOConfig turns it on by default, reinforce-lm does not). The first
 `--warmup` steps are not timed. Tokens per second = completion tokens of the
 timed steps / wall time from the end of the last warm-up step to the end of the last step.
+
+On a GPU (`--device cuda`), peak memory is `torch.cuda.max_memory_allocated` (what the tensors took, not
+the process), each step's end is timed after `torch.cuda.synchronize()`, and `--precision bf16` runs
+both trainers with fp32 weights and optimiser state and bf16 autocast forwards (ours:
+`--mixed-precision bf16`; TRL: `bf16=True`):
+
+    python bench/vs_trl.py --device cuda --precision bf16 --prompts-per-step 16 --k 8 --max-new-tokens 128
 """
 
 from __future__ import annotations
@@ -38,6 +45,24 @@ PAIRS = {"grpo": ("grpo", "GRPOTrainer"), "rloo": ("rloo", "RLOOTrainer")}
 # ------------------------------------------------------------------------------------------------
 # Workers: one trainer, one model, in this process. Print one JSON line.
 # ------------------------------------------------------------------------------------------------
+def _meters(job: dict):
+    """(peak MiB so far, MiB now): the process's RSS on CPU, the CUDA caching allocator's tensors on GPU."""
+    if job["device"] == "cpu":
+        return common.peak_rss_mib, common.current_rss_mib
+    import torch
+
+    return (lambda: torch.cuda.max_memory_allocated() / 2**20), (
+        lambda: torch.cuda.memory_allocated() / 2**20
+    )
+
+
+def _sync(job: dict) -> None:
+    if job["device"] != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def work_reinforce_lm(job: dict, out_dir: str) -> dict:
     import torch
 
@@ -47,12 +72,14 @@ def work_reinforce_lm(job: dict, out_dir: str) -> dict:
     from reinforce_lm.stages import reinforce as stage_mod
 
     ends, cpu, peak, logs, rss0 = [], [], [], [], []
+    peak_mib, now_mib = _meters(job)
 
     class TimedLogger(trainer_mod.MetricsLogger):
         def log(self, step, metrics):
+            _sync(job)
             ends.append(time.perf_counter())
             cpu.append(time.process_time())
-            peak.append(common.peak_rss_mib())
+            peak.append(peak_mib())
             logs.append(dict(metrics))
             super().log(step, metrics)
 
@@ -60,7 +87,7 @@ def work_reinforce_lm(job: dict, out_dir: str) -> dict:
 
     def timed_collect(self, step):
         if not rss0:
-            rss0.append(common.current_rss_mib())
+            rss0.append(now_mib())
         return collect(self, step)
 
     trainer_mod.MetricsLogger = TimedLogger
@@ -84,7 +111,8 @@ def work_reinforce_lm(job: dict, out_dir: str) -> dict:
             kl_estimator="k1" if job["estimator"] == "rloo" else "k3",
             max_grad_norm=1.0,
             dtype="float32",
-            device="cpu",
+            mixed_precision=job["precision"] if job["precision"] == "bf16" else "no",
+            device=job["device"],
             progress=False,
             seed=0,
             gradient_checkpointing=job["checkpointing"] == "both",
@@ -110,15 +138,17 @@ def work_trl(job: dict, out_dir: str) -> dict:
     from transformers import AutoTokenizer, TrainerCallback
 
     ends, cpu, peak, logs, rss0 = [], [], [], [], []
+    peak_mib, now_mib = _meters(job)
 
     class Timer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            rss0.append(common.current_rss_mib())
+            rss0.append(now_mib())
 
         def on_step_end(self, args, state, control, **kw):
+            _sync(job)
             ends.append(time.perf_counter())
             cpu.append(time.process_time())
-            peak.append(common.peak_rss_mib())
+            peak.append(peak_mib())
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "completions/mean_length" in logs:
@@ -147,8 +177,8 @@ def work_trl(job: dict, out_dir: str) -> dict:
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
-        bf16=False,
+        use_cpu=job["device"] == "cpu",
+        bf16=job["precision"] == "bf16",
         fp16=False,
         disable_dropout=True,
         # TRL's default is to recompute activations in backward; `--checkpointing neither` turns it off
@@ -262,6 +292,13 @@ def main() -> None:
         help="activation (gradient) checkpointing: each trainer's default (TRL on, reinforce-lm off), on in "
         "both, or off in both",
     )
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="fp32, or bf16 autocast forwards over fp32 weights in both trainers (GPU)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
     ap.add_argument("--out", default=str(HERE / "results" / "vs_trl.md"))
     args = ap.parse_args()
@@ -281,6 +318,7 @@ def main() -> None:
             for beta in args.betas:
                 base = dict(size, model=model, model_dir=model_dir, estimator=pair, beta=beta, lr=args.lr)
                 base.update(warmup=args.warmup, threads=args.threads, checkpointing=args.checkpointing)
+                base.update(device=args.device, precision=args.precision)
                 runs = {"reinforce-lm": [], "trl": []}
                 for _ in range(args.repeats):
                     for impl in runs:
@@ -296,18 +334,38 @@ def main() -> None:
 def render(rows, args) -> str:
     med = statistics.median
     cmd = "python bench/vs_trl.py " + " ".join(sys.argv[1:])
+    if args.device == "cpu":
+        where = f"CPU, {args.precision}, {os.cpu_count()} cores, {args.threads} torch thread(s) per run"
+        peak = (
+            "peak: peak RSS of the process up to the end of the last training step (reinforce-lm then "
+            "writes its final checkpoint, TRL here saves nothing); +train: peak minus RSS at the start of "
+            "step 1 (models loaded, no optimiser state yet)"
+        )
+    else:
+        import torch
+
+        where = f"{torch.cuda.get_device_name()}, {args.precision}, torch {torch.__version__}"
+        peak = (
+            "peak: torch.cuda.max_memory_allocated up to the end of the last training step; +train: peak "
+            "minus the memory allocated at the start of step 1 (models loaded, no optimiser state yet)"
+        )
+    import transformers
+
+    versions = f"transformers {transformers.__version__}"
+    try:
+        import trl
+
+        versions += f", TRL {trl.__version__}"
+    except ImportError:
+        pass
     out = [
         "# reinforce-lm vs TRL",
         "",
         f"Command: `{cmd.strip()}`  ",
-        f"Medians of {args.repeats} interleaved runs, each a fresh process (CPU, fp32, "
-        f"{os.cpu_count()} cores, {args.threads} torch thread(s) per run). tok/s: completion tokens per "
-        "second of training after the warm-up step(s); tok/CPU-s: the same per second of the process's "
-        "CPU time (steadier while neighbours take the CPU); peak: peak RSS of the process "
-        "up to the end of the last training step (reinforce-lm then writes "
-        "its final checkpoint, TRL here saves nothing); "
-        "+train: peak minus RSS at the start of step 1 (models loaded, no optimiser state yet). "
-        f"Activation checkpointing: {CHECKPOINTING[args.checkpointing]}.",
+        f"Medians of {args.repeats} interleaved runs, each a fresh process ({where}; {versions}). "
+        "tok/s: completion tokens per second of training after the warm-up step(s); tok/CPU-s: the same "
+        "per second of the process's CPU time (steadier while neighbours take the CPU); "
+        f"{peak}. Activation checkpointing: {CHECKPOINTING[args.checkpointing]}.",
         "",
         "| model | TRL trainer | beta | P x K x T | r-lm tok/s | TRL tok/s | **speed ratio** "
         "| r-lm tok/CPU-s | TRL tok/CPU-s | **CPU ratio** | r-lm peak MiB "

@@ -1,0 +1,182 @@
+"""The CUDA paths: the same commands on a GPU as on the CPU. Skipped where torch sees no GPU (CI has none).
+
+Run them on a machine with one: `python -m pytest -q tests/test_cuda.py`. They check what only a GPU
+exercises: the fused-attention lean decode step, the bf16 autocast and bf16-weight paths, CUDA RNG state
+in checkpoints, NCCL under torchrun (one process, with and without FSDP), and that a step on the GPU
+is the step on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from reinforce_lm import cli, toy
+from reinforce_lm.files import write_jsonl
+from reinforce_lm.logprobs import token_logprobs
+from reinforce_lm.metrics import read_metrics
+from reinforce_lm.models import load_tokenizer
+from reinforce_lm.rollout import Sampler, row_seeds
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+PROMPTS = ["a?", "bcd+1=", "j?", "0123456789?"]  # uneven lengths: left padding matters
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cuda")
+    model = toy.save_tiny_model(root / "tiny", arch="llama", hidden=64, layers=2, heads=4)
+    prompts = root / "prompts.jsonl"
+    write_jsonl(prompts, toy.letter_prompts(32, seed=1))
+    return root, model, prompts
+
+
+def train_args(model, prompts, out, estimator, steps, *extra) -> list[str]:
+    return [
+        "train",
+        f"--model={model}",
+        f"--prompts={prompts}",
+        "--reward=reinforce_lm.toy:letter_reward",
+        f"--output-dir={out}",
+        "--algorithm=ppo" if estimator == "ppo" else f"--estimator={estimator}",
+        f"--steps={steps}",
+        "--prompts-per-step=4",
+        "--samples-per-prompt=4",
+        "--max-new-tokens=8",
+        "--micro-batch-size=8",
+        "--lr=1e-2",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def max_diff(a, b) -> float:
+    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert x.keys() == y.keys()
+    return max((x[k].float() - y[k].float()).abs().max().item() for k in x)
+
+
+@pytest.mark.parametrize("arch", toy.ARCHITECTURES)
+def test_lean_decode_on_cuda_matches_the_models_forward(arch, tmp_path):
+    """The lean step takes the fused-attention path on a GPU: the same tokens and log-probs as the model."""
+    path = toy.save_tiny_model(tmp_path, arch=arch, hidden=64, heads=4)
+    tok = load_tokenizer(str(path))
+    model = AutoModelForCausalLM.from_pretrained(path).to("cuda").eval()
+    g = torch.arange(len(PROMPTS))
+    seeds = row_seeds(0, 0, g, 3)
+    lean = Sampler(tok, max_new_tokens=9).sample(model, PROMPTS, g, 3, seeds)
+    plain = Sampler(tok, max_new_tokens=9, lean=False).sample(model, PROMPTS, g, 3, seeds)
+    assert lean.logp.device.type == "cuda"
+    full = token_logprobs(model, lean.input_ids, lean.attention_mask, lean.response_ids.shape[1])
+    assert torch.allclose(full * lean.response_mask, lean.logp, atol=1e-4)
+    assert lean.completions == plain.completions
+    # and a CPU copy of the model samples the same completions (counter-based noise, device-independent)
+    cpu = Sampler(tok, max_new_tokens=9).sample(model.cpu(), PROMPTS, g, 3, seeds)
+    assert cpu.completions == lean.completions
+    assert torch.allclose(cpu.logp, lean.logp.cpu(), atol=1e-4)
+
+
+def test_lean_decode_on_cuda_in_bfloat16(tmp_path):
+    path = toy.save_tiny_model(tmp_path, arch="llama", hidden=64, heads=4)
+    tok = load_tokenizer(str(path))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
+    g = torch.arange(len(PROMPTS))
+    lean = Sampler(tok, max_new_tokens=9).sample(model, PROMPTS, g, 2, row_seeds(0, 0, g, 2))
+    full = token_logprobs(model, lean.input_ids, lean.attention_mask, lean.response_ids.shape[1])
+    assert torch.isfinite(lean.logp).all()
+    assert (full * lean.response_mask - lean.logp).abs().max().item() < 0.1  # bf16: ~3 significant digits
+
+
+def test_a_step_on_cuda_is_the_step_on_cpu(setup):
+    """One RLOO step with the KL in the reward: the same completions, rewards and (to float error) weights."""
+    root, model, prompts = setup
+    one = {d: root / f"step-{d}" for d in ("cpu", "cuda")}
+    for d, out in one.items():
+        cli.main(train_args(model, prompts, out, "rloo", 1, f"--device={d}", "--beta=0.05"))
+    (a,), (b,) = (read_metrics(one[d] / "metrics.jsonl") for d in ("cpu", "cuda"))
+    assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-6)
+    assert a["completion_tokens"] == b["completion_tokens"]
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    diff = max_diff(one["cpu"] / "checkpoint-1", one["cuda"] / "checkpoint-1")
+    print(f"max |cuda - cpu| after one step: {diff:.2e}")
+    assert diff < 1e-3  # Adam's first step moves every weight by ~lr = 1e-2
+    assert max_diff(one["cuda"] / "checkpoint-1", model) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "estimator,extra",
+    [
+        ("grpo", []),
+        ("rloo", ["--mixed-precision=bf16", "--gradient-checkpointing"]),
+        ("reinforce_pp", ["--beta=0.05", "--kl-in=loss", "--kl-estimator=k3"]),
+        ("remax", ["--dtype=bfloat16"]),
+        ("ppo", ["--mixed-precision=bf16"]),
+    ],
+)
+def test_estimators_train_and_resume_on_cuda(setup, estimator, extra):
+    """Two steps, then a resume to three, equal the uninterrupted three steps; checkpoints load on CPU."""
+    root, model, prompts = setup
+    full, cut = root / f"{estimator}-full", root / f"{estimator}-cut"
+    cli.main(train_args(model, prompts, full, estimator, 3, "--device=cuda", *extra))
+    cli.main(train_args(model, prompts, cut, estimator, 2, "--device=cuda", *extra))
+    cli.main(train_args(model, prompts, cut, estimator, 3, "--device=cuda", "--resume", *extra))
+    rows = read_metrics(full / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["grad_norm"] > 0 and r["loss"] == r["loss"] for r in rows)
+    weights = load_file(full / "checkpoint-3" / "model.safetensors")
+    want = torch.bfloat16 if "--dtype=bfloat16" in extra else torch.float32
+    assert {w.dtype for w in weights.values()} == {want}
+    assert max_diff(full / "checkpoint-3", model) > 1e-3
+    # bf16 (forwards or weights) rounds a float-level difference (CUDA's atomic adds) to a bf16 step
+    loose = any("bf" in e for e in extra)
+    assert max_diff(full / "checkpoint-3", cut / "checkpoint-3") < (5e-2 if loose else 1e-3)
+    assert [r["step"] for r in read_metrics(cut / "metrics.jsonl")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_torchrun_on_one_gpu_with_nccl(setup, extra):
+    """torchrun with one process on the GPU (NCCL) trains what a plain process trains on it."""
+    root, model, prompts = setup
+    name = "fsdp" if extra else "ddp"
+    plain, launched = root / f"nccl-plain-{name}", root / f"nccl-{name}"
+    cli.main(train_args(model, prompts, plain, "grpo", 2, "--device=cuda"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m"]
+    argv = train_args(model, prompts, launched, "grpo", 2, "--device=cuda", *extra)
+    p = subprocess.run([*cmd, "reinforce_lm", *argv], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert max_diff(plain / "checkpoint-2", launched / "checkpoint-2") < 1e-3
+    assert max_diff(launched / "checkpoint-2", model) > 1e-3
+
+
+def test_sft_reward_model_and_eval_on_cuda(setup):
+    root, model, prompts = setup
+    sft, pairs = root / "sft.jsonl", root / "pairs.jsonl"
+    write_jsonl(sft, toy.sft_rows(64, length=6, seed=0))
+    write_jsonl(pairs, toy.preference_rows(64, length=6, seed=0))
+    common = ["--device=cuda", "--steps=6", "--batch-size=8", "--no-progress"]
+    cli.main(
+        ["sft", f"--model={model}", f"--data={sft}", f"--output-dir={root / 'sft'}", "--lr=1e-2", *common]
+    )
+    cli.main(["reward", f"--model={model}", f"--data={pairs}", f"--output-dir={root / 'rm'}", *common])
+    s, r = ([m for m in read_metrics(root / d / "metrics.jsonl") if m["step"] > 0] for d in ("sft", "rm"))
+    assert len(s) == len(r) == 6  # (step 0 is the evaluation before training)
+    assert s[-1]["loss"] < s[0]["loss"]
+    rm = root / "rm" / (root / "rm" / "latest").read_text().strip()
+    policy = root / "sft" / (root / "sft" / "latest").read_text().strip()
+    cli.main(
+        [
+            "eval",
+            f"--model={policy}",
+            f"--prompts={prompts}",
+            f"--reward-model={rm}",
+            "--max-new-tokens=4",
+            "--device=cuda",
+        ]
+    )
