@@ -79,19 +79,36 @@ def work_reinforce_lm(job: dict, out_dir: str) -> dict:
             _sync(job)
             ends.append(time.perf_counter())
             cpu.append(time.process_time())
-            peak.append(peak_mib())
+            if cuda:
+                peaks["update"] = max(peaks["update"], peak_mib())
+                peak.append(max(peaks.values()))
+            else:
+                peak.append(peak_mib())
             logs.append(dict(metrics))
             super().log(step, metrics)
 
     collect = stage_mod.ReinforceStage.collect
+    cuda = job["device"] != "cpu"
+    peaks = {"load": 0.0, "collect": 0.0, "update": 0.0}  # GPU: the peak of each phase, MiB
 
     def timed_collect(self, step):
         if not rss0:
             rss0.append(now_mib())
-        return collect(self, step)
+            peaks["load"] = peak_mib()
+        if not cuda:
+            return collect(self, step)
+        torch.cuda.reset_peak_memory_stats()  # then collect's peak (sampling, rewards, reference) alone
+        out = collect(self, step)
+        peaks["collect"] = max(peaks["collect"], peak_mib())
+        torch.cuda.reset_peak_memory_stats()
+        return out
 
     trainer_mod.MetricsLogger = TimedLogger
     stage_mod.ReinforceStage.collect = timed_collect
+    if job.get("chunk_elements"):
+        from reinforce_lm import logprobs
+
+        logprobs.CHUNK_ELEMENTS = job["chunk_elements"]
     cfg = build_config(
         TrainConfig,
         dict(
@@ -128,6 +145,7 @@ def work_reinforce_lm(job: dict, out_dir: str) -> dict:
         "tokens": [m["completion_tokens"] for m in logs],
         "rss_start": rss0[0],
         "threads": torch.get_num_threads(),
+        "phase_peaks": peaks if cuda else None,
     }
 
 
@@ -250,6 +268,16 @@ def run_job(job: dict, verbose: bool) -> dict:
             f"tokens/step {res['mean_tokens_per_step']:.0f}",
             flush=True,
         )
+        if "phases" in res:  # reinforce-lm's own split of a step (median seconds), GPU peaks per phase
+            w = job["warmup"]
+            split = {
+                k.removesuffix("_seconds"): statistics.median(v[w:])
+                for k, v in res["phases"].items()
+                if v[w:] and None not in v[w:]
+            }
+            print("    phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in split.items()), flush=True)
+            if res.get("phase_peaks"):
+                print("    peaks (MiB): " + json.dumps({k: round(v) for k, v in res["phase_peaks"].items()}))
     return res
 
 
@@ -299,6 +327,13 @@ def main() -> None:
         default="fp32",
         help="fp32, or bf16 autocast forwards over fp32 weights in both trainers (GPU)",
     )
+    ap.add_argument(
+        "--chunk-elements",
+        type=int,
+        default=0,
+        help="reinforce-lm's logprobs.CHUNK_ELEMENTS for this run (0: the library's default; a huge value "
+        "runs the LM head in one piece)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
     ap.add_argument("--out", default=str(HERE / "results" / "vs_trl.md"))
     args = ap.parse_args()
@@ -318,7 +353,7 @@ def main() -> None:
             for beta in args.betas:
                 base = dict(size, model=model, model_dir=model_dir, estimator=pair, beta=beta, lr=args.lr)
                 base.update(warmup=args.warmup, threads=args.threads, checkpointing=args.checkpointing)
-                base.update(device=args.device, precision=args.precision)
+                base.update(device=args.device, precision=args.precision, chunk_elements=args.chunk_elements)
                 runs = {"reinforce-lm": [], "trl": []}
                 for _ in range(args.repeats):
                     for impl in runs:

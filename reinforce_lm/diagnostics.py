@@ -56,11 +56,11 @@ def gradient_variance(
         d = Dist()
     for i in range(warmup):
         stage.collect(first_step + i)
-    total, total_sq = None, torch.zeros((), dtype=torch.double)
+    total, total_sq = None, None  # on the parameters' device
     for i in range(n_estimates):
         g = policy_gradient(stage, first_step + warmup + i, micro_batch_size, d)
         total = g if total is None else total + g
-        total_sq += g.square().sum()
+        total_sq = g.square().sum() if total_sq is None else total_sq + g.square().sum()
     n = n_estimates
     variance = (total_sq - total.square().sum() / n) / (n - 1)
     mean_sq = (total.square().sum() - total_sq) / (n * (n - 1))

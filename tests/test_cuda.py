@@ -18,11 +18,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from reinforce_lm import cli, toy
+from reinforce_lm.config import TrainConfig
+from reinforce_lm.diagnostics import gradient_variance
+from reinforce_lm.distributed import setup as setup_dist
 from reinforce_lm.files import write_jsonl
 from reinforce_lm.logprobs import token_logprobs
 from reinforce_lm.metrics import read_metrics
 from reinforce_lm.models import load_tokenizer
 from reinforce_lm.rollout import Sampler, row_seeds
+from reinforce_lm.runner import build_train_stage
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 PROMPTS = ["a?", "bcd+1=", "j?", "0123456789?"]  # uneven lengths: left padding matters
@@ -180,3 +184,22 @@ def test_sft_reward_model_and_eval_on_cuda(setup):
             "--device=cuda",
         ]
     )
+
+
+def test_gradient_variance_on_cuda(setup):
+    """The diagnostic that bench/compare.py reports, on parameters that live on the GPU."""
+    root, model, prompts = setup
+    cfg = TrainConfig(
+        model=str(model),
+        prompts=str(prompts),
+        reward=["reinforce_lm.toy:letter_reward"],
+        output_dir=str(root / "variance"),
+        estimator="rloo",
+        prompts_per_step=4,
+        samples_per_prompt=4,
+        max_new_tokens=8,
+        progress=False,
+        device="cuda",
+    )
+    r = gradient_variance(build_train_stage(cfg, setup_dist(cfg.device)), n_estimates=4)
+    assert r["variance"] > 0 and r["relative_variance"] == r["relative_variance"]
