@@ -218,9 +218,11 @@ def table(args, runs: dict, var: dict) -> str:
         finals = [statistics.mean(r["rewards"][-args.last :]) for r in rs]
         spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
         v = var.get(method, float("nan"))
+        # inf: the unbiased ||E g||^2 came out <= 0, the mean gradient lost in the noise of few estimates
+        vs = "unresolved" if v == float("inf") else f"{v:.1f} ({fmt_ratio(v, v0)})"
         lines.append(
             f"| {method} | {peak:.0f} | {train:.0f} | {rs[0]['state_kb']:.0f} | {sps:.3f} "
-            f"| {v:.1f} ({fmt_ratio(v, v0)}) | {statistics.mean(finals):.3f} +- {spread:.3f} |"
+            f"| {vs} | {statistics.mean(finals):.3f} +- {spread:.3f} |"
         )
     return "\n".join(lines)
 
@@ -308,7 +310,9 @@ def main(argv=None) -> None:
         "at fixed parameters (KL off, so only the estimator differs), in brackets relative to "
         f"no baseline; the parameters are the start after {args.warm_steps} RLOO steps (at the start "
         "itself the reward is about 0.03 and the mean gradient is lost in its noise); PPO's critic is "
-        "untrained there (V = 0). Memory: peak RSS of the run's process; 'training RSS' is that peak "
+        "untrained there (V = 0); 'unresolved': too few estimates to tell ||E g||^2 from zero. Memory: "
+        "peak RSS of the run's process (on a GPU: torch.cuda.max_memory_allocated); 'training RSS' is that "
+        "process's peak RSS "
         "minus the RSS before `run_train` (after imports); 'weights+grads+Adam' counts the bytes of "
         "the trained models' weights, gradients and two AdamW moments plus the frozen reference.\n\n"
         "Caveat: with few samples per estimate the estimates are heavy-tailed (a rare low-probability "

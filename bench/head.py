@@ -4,7 +4,9 @@
     python bench/head.py --vocab 32000 --batch 8 --tokens 512
 
 `logprobs.token_logprobs` runs the model's LM head itself, a chunk of tokens at a time (at most
-`CHUNK_ELEMENTS` logits each), and recomputes each chunk in the backward pass instead of keeping it. The
+`CHUNK_ELEMENTS` logits each), and recomputes each chunk in the backward pass instead of keeping it:
+for a plain linear head in one autograd node (`chunked`), else through the head module under activation
+checkpointing (`checkpointed`, forced here with a no-op hook on the head). The
 whole-logits path (a plain `model(...).logits`, then a chunked float32 log-softmax; what TRL's
 `selective_log_softmax` does too) holds the `[B, T, V]` logits and, in backward, their gradient. Every
 (variant, pass) runs in a fresh process on the same randomly initialised Llama-architecture model (built
@@ -28,6 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 MiB = 2**20
+# chunked: the default (a plain linear head: one autograd node, `logprobs._HeadLogp`); checkpointed: the
+# same chunks through the head module's forward under activation checkpointing (what a hooked or
+# non-linear head gets); whole: the model's own [B, T, V] logits.
+VARIANTS = ("chunked", "checkpointed", "whole")
 
 
 def worker(args) -> dict:
@@ -46,6 +52,8 @@ def worker(args) -> dict:
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
     )  # fmt: skip
     model = models.disable_dropout(LlamaForCausalLM(config)).train()
+    if variant == "checkpointed":  # a hook on the head: the module's forward in checkpointed chunks
+        model.get_output_embeddings().register_forward_hook(lambda module, args, out: None)
     ids = torch.randint(0, args.vocab, (args.batch, args.prompt + args.tokens))
     mask = torch.ones_like(ids)
     weights = torch.randn(args.batch, args.tokens)
@@ -90,7 +98,7 @@ def main() -> None:
     results = {}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TRANSFORMERS_VERBOSITY="error")
     for name in ("policy", "reference"):
-        for variant in ("chunked", "whole"):  # interleaved: chunked, whole, chunked, whole
+        for variant in VARIANTS:  # interleaved over the passes
             cmd = [sys.executable, __file__, "--worker", f"{variant}:{name}"] + sys.argv[1:]
             p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -104,14 +112,16 @@ def main() -> None:
         f"{args.hidden}, 2 layers, fp32, {args.threads} torch thread(s); the float32 logits of the batch "
         f"are {logits_mib:.0f} MiB.\n"
     )
-    print("| pass | chunked s | whole s | **time ratio** | chunked MiB | whole MiB | **memory ratio** |")
-    print("|---|---|---|---|---|---|---|")
+    print("| pass | variant | seconds | **time vs whole** | MiB | **memory vs whole** |")
+    print("|---|---|---|---|---|---|")
     for name, label in (("policy", "policy forward+backward"), ("reference", "reference forward")):
-        c, w = results["chunked", name], results["whole", name]
-        print(
-            f"| {label} | {c['seconds']:.2f} | {w['seconds']:.2f} | **{c['seconds'] / w['seconds']:.2f}x** | "
-            f"{c['need']:.0f} | {w['need']:.0f} | **{c['need'] / max(w['need'], 1e-9):.2f}x** |"
-        )
+        w = results["whole", name]
+        for variant in VARIANTS:
+            c = results[variant, name]
+            print(
+                f"| {label} | {variant} | {c['seconds']:.2f} | **{c['seconds'] / w['seconds']:.2f}x** | "
+                f"{c['need']:.0f} | **{c['need'] / max(w['need'], 1e-9):.2f}x** |"
+            )
 
 
 if __name__ == "__main__":

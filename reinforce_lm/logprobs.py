@@ -129,6 +129,82 @@ def _from_logits(logits, tokens, temperature: float, entropy: bool):
     return (logp, entropy_from_logits(logits.detach())) if entropy else logp
 
 
+class _HeadLogp(torch.autograd.Function):
+    """log softmax((h @ W.T + b) / temperature)[tokens] for a linear LM head, `rows` tokens at a time.
+
+    hidden [N, H], weight [V, H], bias [V] or None, tokens [N] -> log-probs [N] float32 (and entropy [N]
+    or None, no gradient). Saved for backward: the inputs and the [N] log-normalisers, no logits. The
+    backward recomputes each chunk's logits and turns them in place into g * (onehot - softmax) /
+    temperature, then takes the two matmuls: three float32 passes over a chunk where autograd through a
+    checkpointed chunk takes about ten (recompute, log-softmax and gather backward, their sum, casts),
+    with its bookkeeping on every chunk. Matmuls run in `dtype` (autocast's, or the weight's); the
+    weight gradient accumulates in float32 over the chunks.
+    """
+
+    @staticmethod
+    def _logits(h, w, b, temperature):  # [n, H] -> [n, V] float32
+        lg = F.linear(h, w, b).float()
+        return lg.div_(temperature) if temperature != 1.0 else lg
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, temperature: float, rows: int, dtype, entropy: bool):
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        lse = torch.empty(tokens.shape, dtype=torch.float32, device=hidden.device)  # [N]
+        chosen = torch.empty_like(lse)
+        ent = torch.empty_like(lse) if entropy else None
+        for i in range(0, hidden.shape[0], rows):
+            lg = _HeadLogp._logits(hidden[i : i + rows].to(dtype), w, b, temperature)  # [n, V]
+            lse[i : i + rows] = c = torch.logsumexp(lg, -1)
+            chosen[i : i + rows] = lg.gather(-1, tokens[i : i + rows, None]).squeeze(-1)
+            if entropy:  # logsumexp - sum p * logits, with one more [n, V] temporary
+                ent[i : i + rows] = c - (lg - c[:, None]).exp_().mul_(lg).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse)
+        ctx.temperature, ctx.rows, ctx.dtype = temperature, rows, dtype
+        if entropy:
+            ctx.mark_non_differentiable(ent)
+        return chosen - lse, ent
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, _g_entropy):  # g [N] -> grads of hidden, weight, bias
+        hidden, weight, bias, tokens, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w = weight.to(ctx.dtype)
+        b = bias.to(ctx.dtype) if bias is not None else None
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        for i in range(0, hidden.shape[0], ctx.rows):
+            h = hidden[i : i + ctx.rows].to(ctx.dtype)
+            gi = g[i : i + ctx.rows, None].float() / ctx.temperature  # [n, 1]
+            lg = _HeadLogp._logits(h, w, b, ctx.temperature)
+            lg.sub_(lse[i : i + ctx.rows, None]).exp_().mul_(-gi)  # -g * softmax / temperature
+            d = lg.scatter_add_(-1, tokens[i : i + ctx.rows, None], gi).to(ctx.dtype)  # [n, V]
+            if need_h:
+                grad_h[i : i + ctx.rows] = d @ w
+            if need_w:
+                grad_w += (d.T @ h).float()
+            if need_b:
+                grad_b += d.float().sum(0)
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _linear_head(head) -> bool:
+    """A plain `nn.Linear` whose forward `_HeadLogp` may stand in for: not a subclass (LoRA, quantised
+    layers), no DTensor weight, no forward hooks and no pre-hook but token_logprobs' own (an accelerate
+    offload hook, a user's hook: those keep the module's forward, in checkpointed chunks)."""
+    return (
+        type(head) is torch.nn.Linear
+        and type(head.weight) is torch.nn.Parameter
+        and not head._forward_hooks
+        and len(head._forward_pre_hooks) <= 1
+        and getattr(head, "_hf_hook", None) is None
+    )
+
+
 def head_logprobs(head, hidden, tokens, temperature: float = 1.0, entropy=False):
     """log softmax(head(hidden) / temperature)[tokens], without all of `[B, T, V]` at once.
 
@@ -144,6 +220,17 @@ def head_logprobs(head, hidden, tokens, temperature: float = 1.0, entropy=False)
     per_chunk = max(1, CHUNK_ELEMENTS // vocab)
     if B * T * vocab < HEAD_CHUNKS_MIN * CHUNK_ELEMENTS:  # one piece: the logits are small
         return _from_logits(head(hidden), tokens, temperature, entropy)
+
+    if _linear_head(head):  # in one autograd node, the logits never kept (`_HeadLogp`)
+        device = hidden.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else head.weight.dtype
+        with torch.autocast(device, enabled=False):
+            logp, ent = _HeadLogp.apply(
+                hidden.reshape(B * T, H), head.weight, head.bias, tokens.reshape(B * T), temperature,
+                per_chunk, dtype, entropy,
+            )  # fmt: skip
+        return (logp.view(B, T), ent.view(B, T)) if entropy else logp.view(B, T)
 
     grad = torch.is_grad_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in head.parameters())

@@ -115,7 +115,7 @@ def test_two_processes_equal_one_and_resume_on_one(setup, estimator, extra):
 
 
 def test_chunked_head_under_ddp_equals_one_process(setup, tmp_path, monkeypatch):
-    """The LM head run in checkpointed chunks inside the forward (logprobs.head_logprobs), with the KL in
+    """The LM head run in chunks inside the forward (logprobs.head_logprobs, `_HeadLogp`), with the KL in
     the loss: DDP reduces the head's gradient once, and two processes take the step that one does.
 
     One step: the chunked head sums in another order than the one-piece head, and from the second step
@@ -129,14 +129,12 @@ def test_chunked_head_under_ddp_equals_one_process(setup, tmp_path, monkeypatch)
         f"logprobs.CHUNK_ELEMENTS = {chunk}\nsys.exit(cli.main(sys.argv[1:]))\n"
     )
     calls = []
-    checkpoint = torch.utils.checkpoint.checkpoint
+    real = logprobs._HeadLogp._logits
     monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", chunk)
-    monkeypatch.setattr(
-        torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k)
-    )
+    monkeypatch.setattr(logprobs._HeadLogp, "_logits", lambda *a: calls.append(1) or real(*a))
     one, two = tmp_path / "one", tmp_path / "two"
     one_process(args(model, prompts, one, "grpo", 1, "--beta=0.05"))
-    assert len(calls) > 10  # the policy's head ran in checkpointed chunks (4 micro-batches)
+    assert len(calls) > 10  # the policy's head ran in chunks, recomputed in backward (4 micro-batches)
     two_processes(args(model, prompts, two, "grpo", 1, "--beta=0.05"), entry=(str(launcher),))
     assert max_diff(one / "checkpoint-1", two / "checkpoint-1") < TOL
     assert max_diff(one / "checkpoint-1", model) > 1e-3

@@ -141,12 +141,14 @@ def _model_logprobs(model, ids, mask, n):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooked"])
 def test_chunked_head_gives_the_models_logprobs_gradients_and_entropy(
-    monkeypatch, arch, temperature, tokenizer
+    monkeypatch, arch, temperature, fused, tokenizer
 ):
     """With logits of HEAD_CHUNKS_MIN chunks or more, token_logprobs runs the LM head itself in chunks of
     tokens (no [B, T, V] tensor, each chunk recomputed in backward): the same log-probs, entropy and
-    parameter gradients as the model's own logits."""
+    parameter gradients as the model's own logits. A plain linear head goes through one autograd node
+    (`_HeadLogp`); a head with a forward hook keeps its module forward, in checkpointed chunks."""
     from reinforce_lm import toy
 
     model = models.disable_dropout(toy.make_model(arch, tokenizer)).train()  # GPT-2 has dropout
@@ -171,11 +173,22 @@ def test_chunked_head_gives_the_models_logprobs_gradients_and_entropy(
     head_inputs = []
     head = model.get_output_embeddings()
     assert logprobs._plain_head(model, ids[:1], mask[:1]) is head  # checked once per model, up front here
-    handle = head.register_forward_hook(lambda m, a, o: head_inputs.append(a[0].shape[:-1].numel()))
+    if fused:  # count the chunks inside _HeadLogp (a hook on the head would turn it off)
+        real = logprobs._HeadLogp._logits
+        monkeypatch.setattr(
+            logprobs._HeadLogp, "_logits", lambda h, *a: head_inputs.append(h.shape[0]) or real(h, *a)
+        )
+        handle = None
+    else:
+        handle = head.register_forward_hook(lambda m, a, o: head_inputs.append(a[0].shape[:-1].numel()))
+    assert logprobs._linear_head(head) == fused
     monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 4 * V)  # 4 tokens' logits per chunk: 18 tokens -> 5
     got, entropy = logprobs.token_logprobs(model, ids, mask, n, temperature, entropy=True)
     got_grads = torch.autograd.grad((got * weights).sum(), list(model.parameters()), allow_unused=True)
-    handle.remove()
+    with torch.inference_mode():
+        torch.testing.assert_close(logprobs.token_logprobs(model, ids, mask, n, temperature), got.detach())
+    if handle is not None:
+        handle.remove()
 
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(entropy, want_entropy, atol=1e-5, rtol=1e-5)
@@ -183,9 +196,9 @@ def test_chunked_head_gives_the_models_logprobs_gradients_and_entropy(
     for a, b in zip(got_grads, want_grads, strict=True):
         if b is not None:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    # The head never saw more than 4 tokens at once except the single position it is left to compute:
-    # the 5 chunks forward, the 5 recomputed in backward and one 3 x 1 call inside the model's forward.
-    assert max(head_inputs) <= 4 and len(head_inputs) == 11
+    # The head never saw more than 4 tokens at once: the 5 chunks forward, the 5 recomputed in backward,
+    # the 5 of the inference-mode pass; hooked, also the model's own 3 x 1 call (left one position) twice.
+    assert max(head_inputs) <= 4 and len(head_inputs) == (15 if fused else 17)
 
 
 @pytest.mark.parametrize("per_chunk,chunks", [(2, [2, 2, 2, 2, 2]), (3, [10])])
@@ -351,3 +364,35 @@ def test_positions_of_a_config():
     assert models.positions(LlamaConfig(max_position_embeddings=4096)) == 4096
     assert models.positions(GPT2Config(n_positions=1024)) == 1024
     assert models.positions(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512  # offset ids
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fused_head_with_bias_autocast_and_a_frozen_weight_equals_the_checkpointed_chunks(
+    monkeypatch, autocast
+):
+    """`_HeadLogp` (a plain nn.Linear head) against the module-forward path (the same head with a hook):
+    a bias, bf16 autocast (matmuls in bf16, log-softmax in float32, float32 weight gradients) and a
+    frozen weight (gradients for the hidden states and the bias only)."""
+    torch.manual_seed(0)
+    V, H = 40, 8
+    head = torch.nn.Linear(H, V, bias=True)
+    hidden = torch.randn(3, 5, H, requires_grad=True)
+    tokens = torch.randint(0, V, (3, 5))
+    g = torch.randn(3, 5)
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 2 * V)  # 2 tokens per chunk
+    for frozen in (False, True):
+        head.weight.requires_grad_(not frozen)
+        params = [hidden, head.bias] if frozen else [hidden, head.weight, head.bias]
+        out = {}
+        for fused in (True, False):
+            handle = None if fused else head.register_forward_hook(lambda m, a, o: None)
+            assert logprobs._linear_head(head) == fused
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                lp = logprobs.head_logprobs(head, hidden, tokens, 0.9)
+            assert lp.dtype == torch.float32
+            out[fused] = (lp, *torch.autograd.grad((lp * g).sum(), params))
+            if handle is not None:
+                handle.remove()
+        for a, b in zip(out[True], out[False], strict=True):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, atol=1e-2 if autocast else 1e-5, rtol=1e-2 if autocast else 1e-5)
