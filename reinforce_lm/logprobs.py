@@ -129,6 +129,25 @@ def _from_logits(logits, tokens, temperature: float, entropy: bool):
     return (logp, entropy_from_logits(logits.detach())) if entropy else logp
 
 
+def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, the product summed in acc's dtype (float32) also for bf16/fp16 a and b.
+
+    A chunked head adds one weight gradient per chunk: rounded to bf16 before the sum, as a plain
+    `(a @ b).float()` would, each of dozens of partial sums loses its low bits, where whole logits round
+    once. CUDA (torch >= 2.8) writes the float32 product directly; elsewhere the chunk is upcast.
+    """
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.device.type == "cuda":
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError):  # older torch: no out_dtype
+            pass
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
 class _HeadLogp(torch.autograd.Function):
     """log softmax((h @ W.T + b) / temperature)[tokens] for a linear LM head, `rows` tokens at a time.
 
@@ -138,7 +157,7 @@ class _HeadLogp(torch.autograd.Function):
     temperature, then takes the two matmuls: three float32 passes over a chunk where autograd through a
     checkpointed chunk takes about ten (recompute, log-softmax and gather backward, their sum, casts),
     with its bookkeeping on every chunk. Matmuls run in `dtype` (autocast's, or the weight's); the
-    weight gradient accumulates in float32 over the chunks.
+    weight gradient is summed over the chunks in float32 (`_add_matmul`).
     """
 
     @staticmethod
@@ -173,8 +192,9 @@ class _HeadLogp(torch.autograd.Function):
         w = weight.to(ctx.dtype)
         b = bias.to(ctx.dtype) if bias is not None else None
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        acc = torch.promote_types(weight.dtype, torch.float32)  # float32 sums for bf16/fp16 weights
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         for i in range(0, hidden.shape[0], ctx.rows):
             h = hidden[i : i + ctx.rows].to(ctx.dtype)
             gi = g[i : i + ctx.rows, None].float() / ctx.temperature  # [n, 1]
@@ -184,9 +204,9 @@ class _HeadLogp(torch.autograd.Function):
             if need_h:
                 grad_h[i : i + ctx.rows] = d @ w
             if need_w:
-                grad_w += (d.T @ h).float()
+                _add_matmul(grad_w, d.T, h)
             if need_b:
-                grad_b += d.float().sum(0)
+                grad_b += d.sum(0, dtype=acc)
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None, None, None
