@@ -180,6 +180,22 @@ class RewardModel:
         return scores
 
 
+def _fresh(value):
+    """A copy of the lists and dicts in `value`, sharing what cannot change (str, numbers, ...).
+
+    Every reward function gets its own: one that edits what it is given (appends the completion to a
+    `messages` conversation to build a judge's prompt, strips completions in place) must not change
+    what the next function, the other samples of a prompt, or the later steps' copies of that prompt see
+    (the K samples of a prompt share its row of the prompts file)."""
+    if isinstance(value, list):
+        if all(isinstance(x, (str, int, float, bool)) or x is None for x in value):
+            return list(value)
+        return [_fresh(x) for x in value]
+    if isinstance(value, dict):
+        return {k: _fresh(v) for k, v in value.items()}
+    return value
+
+
 def _shorten(text, n: int = 60) -> str:
     text = repr(text)
     return text if len(text) <= n else text[: n - 3] + "..."
@@ -251,7 +267,7 @@ class RewardSet:
         total, raw = torch.zeros(n, dtype=torch.float32), {}
         for (name, fn, weight), params in zip(self.functions, self._params, strict=True):
             try:
-                out = fn(**self._kwargs(params, everything))
+                out = fn(**self._kwargs(params, _fresh(everything)))
             except Exception as err:
                 raise self._blame(name, fn, params, everything, err, sources) from err
             raw[name] = self._validate(name, out, n, sources)  # [B]
@@ -264,7 +280,7 @@ class RewardSet:
         as a reward may be a paid or rate-limited judge."""
 
         def error_on(lo: int, hi: int) -> Exception | None:
-            part = {k: (None if v is None else v[lo:hi]) for k, v in everything.items()}
+            part = _fresh({k: (None if v is None else v[lo:hi]) for k, v in everything.items()})
             try:
                 fn(**self._kwargs(params, part))
             except Exception as part_err:

@@ -387,3 +387,29 @@ def test_reward_model_cuts_texts_to_its_positions(tmp_path):
     with pytest.warns(UserWarning, match="longer than 24 tokens keep their last 24"):
         scores = rm(["ab" * 30], ["c"])
     assert len(scores) == 1 and math.isfinite(scores[0])
+
+
+def test_a_reward_that_edits_its_arguments_changes_nothing_for_the_others():
+    """A judge that appends the completion to the conversation it is given, and strips completions in
+    place: the next function, the other samples of the prompt and the caller's rows stay as they were."""
+    conversation = [{"role": "user", "content": "hi"}]
+    columns = {"messages": [conversation, conversation], "meta": [{"tags": ["x"]}, {"tags": ["x"]}]}
+    seen = []
+
+    def judge(prompts, completions, messages, meta, completion_ids, **_):
+        for m, c in zip(messages, completions, strict=True):
+            m.append({"role": "assistant", "content": c})
+        meta[0]["tags"].append("judged")
+        completions[0] = "edited"
+        completion_ids[0].append(99)
+        return [float(len(m)) for m in messages]
+
+    def after(prompts, completions, messages, meta, completion_ids, **_):
+        seen.append((completions, messages, meta, completion_ids))
+        return [0.0, 0.0]
+
+    rs = RewardSet([("judge", judge, 1.0), ("after", after, 1.0)])
+    _, raw = rs(["p", "p"], [" a", " b"], completion_ids=[[1], [2]], columns=columns)
+    assert raw["judge"].tolist() == [2.0, 2.0]  # each sample's own conversation got one turn
+    assert seen == [([" a", " b"], [conversation, conversation], [{"tags": ["x"]}] * 2, [[1], [2]])]
+    assert conversation == [{"role": "user", "content": "hi"}] and columns["meta"][0] == {"tags": ["x"]}
