@@ -22,8 +22,10 @@ CHUNK_ELEMENTS = 1 << 24  # logits upcast to float32 at once: 64 MiB
 HEAD_CHUNKS_MIN = 4
 
 
-def _rows(logits: torch.Tensor, elements: int = CHUNK_ELEMENTS) -> int:
-    """Rows of `logits` [B, T, V] per chunk so that a chunk holds at most `elements` values."""
+def _rows(logits: torch.Tensor, elements: int | None = None) -> int:
+    """Rows of `logits` [B, T, V] per chunk so that a chunk holds at most `elements` (default
+    CHUNK_ELEMENTS, read at the call) values."""
+    elements = CHUNK_ELEMENTS if elements is None else elements
     return max(1, elements // max(1, logits.shape[1] * logits.shape[2]))
 
 
@@ -108,7 +110,9 @@ def token_logprobs(
         if taken or h.dim() != 3 or h.shape[0] != input_ids.shape[0] or h.shape[1] < n_response + 1:
             return None  # a call from inside head_logprobs, or an input not shaped [B, L, H]
         taken["busy"] = True
-        taken["out"] = head_logprobs(module, h[:, -(n_response + 1) : -1], tokens, temperature, entropy)
+        taken["out"] = head_logprobs(
+            module, h[:, -(n_response + 1) : -1], tokens, temperature, entropy, own_hook=handle.id
+        )
         return (h[:, -1:], *args[1:])
 
     handle = head.register_forward_pre_hook(take) if head is not None else None
@@ -139,13 +143,16 @@ def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
-    if acc.device.type == "cuda":
+    if acc.device.type == "cuda" and _OUT_DTYPE.get(a.dtype, True):
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
-        except (TypeError, RuntimeError):  # older torch: no out_dtype
-            pass
+        except (TypeError, RuntimeError):  # a torch without out_dtype for these dtypes: not again
+            _OUT_DTYPE[a.dtype] = False
     acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+_OUT_DTYPE: dict = {}  # dtype -> False once torch.addmm(out_dtype=float32) refused it
 
 
 class _HeadLogp(torch.autograd.Function):
@@ -212,20 +219,27 @@ class _HeadLogp(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
-def _linear_head(head) -> bool:
+def _linear_head(head, own_hook: int | None = None) -> bool:
     """A plain `nn.Linear` whose forward `_HeadLogp` may stand in for: not a subclass (LoRA, quantised
-    layers), no DTensor weight, no forward hooks and no pre-hook but token_logprobs' own (an accelerate
-    offload hook, a user's hook: those keep the module's forward, in checkpointed chunks)."""
+    layers), no DTensor weight, no patched `forward`, and no hook of any kind on it or on every module
+    but `own_hook` (token_logprobs' pre-hook). A hooked head (accelerate's offload, a user's hook) keeps
+    the module's forward, in checkpointed chunks."""
+    import torch.nn.modules.module as nn_module
+
+    pre = {k: v for k, v in head._forward_pre_hooks.items() if k != own_hook}
+    hooks = (head._forward_hooks, head._backward_hooks, getattr(head, "_backward_pre_hooks", {}), pre)
+    everywhere = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
     return (
         type(head) is torch.nn.Linear
         and type(head.weight) is torch.nn.Parameter
-        and not head._forward_hooks
-        and len(head._forward_pre_hooks) <= 1
+        and "forward" not in vars(head)
+        and not any(hooks)
+        and not any(getattr(nn_module, name, None) for name in everywhere)
         and getattr(head, "_hf_hook", None) is None
     )
 
 
-def head_logprobs(head, hidden, tokens, temperature: float = 1.0, entropy=False):
+def head_logprobs(head, hidden, tokens, temperature: float = 1.0, entropy=False, own_hook=None):
     """log softmax(head(hidden) / temperature)[tokens], without all of `[B, T, V]` at once.
 
     hidden [B, T, H] (what the LM head sees at the positions that predict `tokens`), tokens [B, T] ->
@@ -241,10 +255,10 @@ def head_logprobs(head, hidden, tokens, temperature: float = 1.0, entropy=False)
     if B * T * vocab < HEAD_CHUNKS_MIN * CHUNK_ELEMENTS:  # one piece: the logits are small
         return _from_logits(head(hidden), tokens, temperature, entropy)
 
-    if _linear_head(head):  # in one autograd node, the logits never kept (`_HeadLogp`)
-        device = hidden.device.type
-        autocast = torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else head.weight.dtype
+    if _linear_head(head, own_hook):  # in one autograd node, the logits never kept (`_HeadLogp`)
+        device, dtype = hidden.device.type, head.weight.dtype
+        if torch.is_autocast_enabled(device) and dtype in (torch.float32, torch.float16, torch.bfloat16):
+            dtype = torch.get_autocast_dtype(device)  # as autocast would cast the head (not float64)
         with torch.autocast(device, enabled=False):
             logp, ent = _HeadLogp.apply(
                 hidden.reshape(B * T, H), head.weight, head.bias, tokens.reshape(B * T), temperature,

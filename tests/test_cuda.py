@@ -1,9 +1,9 @@
 """The CUDA paths: the same commands on a GPU as on the CPU. Skipped where torch sees no GPU (CI has none).
 
 Run them on a machine with one: `python -m pytest -q tests/test_cuda.py`. They check what only a GPU
-exercises: the fused-attention lean decode step, the bf16 autocast and bf16-weight paths, CUDA RNG state
-in checkpoints, NCCL under torchrun (one process, with and without FSDP), and that a step on the GPU
-is the step on the CPU.
+exercises: the fused-attention lean decode step, the bf16 autocast and bf16-weight paths, the chunked LM
+head's float32 weight-gradient matmul, resume, NCCL under torchrun (two GPUs, with and without FSDP),
+and that a step on the GPU is the step on the CPU.
 """
 
 from __future__ import annotations
@@ -143,20 +143,53 @@ def test_estimators_train_and_resume_on_cuda(setup, estimator, extra):
     assert [r["step"] for r in read_metrics(cut / "metrics.jsonl")] == [1, 2, 3]
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per process: two GPUs")
 @pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
-def test_torchrun_on_one_gpu_with_nccl(setup, extra):
-    """torchrun with one process on the GPU (NCCL) trains what a plain process trains on it."""
+def test_torchrun_on_two_gpus_with_nccl(setup, extra):
+    """torchrun with two processes (NCCL; DDP or FSDP) trains what one process trains on one GPU. One
+    process under torchrun would not do: at world size 1 no process group is made and nothing wrapped."""
     root, model, prompts = setup
     name = "fsdp" if extra else "ddp"
     plain, launched = root / f"nccl-plain-{name}", root / f"nccl-{name}"
     cli.main(train_args(model, prompts, plain, "grpo", 2, "--device=cuda"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
     argv = train_args(model, prompts, launched, "grpo", 2, "--device=cuda", *extra)
     p = subprocess.run([*cmd, "reinforce_lm", *argv], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "2 process(es)" in p.stdout
     assert max_diff(plain / "checkpoint-2", launched / "checkpoint-2") < 1e-3
     assert max_diff(launched / "checkpoint-2", model) > 1e-3
+
+
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
+def test_chunked_head_on_cuda_under_bf16_autocast(weights, monkeypatch):
+    """The fused chunked head (`_HeadLogp`) on the GPU, bf16 autocast over float32 or bf16 weights: the
+    log-probs and gradients of the head module's own logits, and the weight gradient summed in float32
+    by the matmul itself (torch.addmm out_dtype), not by the upcast fallback."""
+    from reinforce_lm import logprobs
+
+    torch.manual_seed(0)
+    V, H = 1000, 64
+    head = torch.nn.Linear(H, V, bias=False).to("cuda", weights)
+    hidden = torch.randn(4, 24, H, device="cuda", dtype=weights, requires_grad=True)
+    tokens = torch.randint(0, V, (4, 24), device="cuda")
+    g = torch.randn(4, 24, device="cuda")
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 10 * V)  # 10 tokens a chunk: 10 chunks
+    assert logprobs._linear_head(head)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = logprobs.head_logprobs(head, hidden, tokens)
+        want = torch.log_softmax(head(hidden).float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
+    grads = [torch.autograd.grad((x * g).sum(), (hidden, head.weight)) for x in (got, want)]
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    for a, b in zip(*grads, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=5e-2)
+    acc = torch.zeros(V, H, device="cuda")
+    a, b = torch.randn(V, 8, device="cuda", dtype=torch.bfloat16), torch.randn(8, H, device="cuda").bfloat16()
+    logprobs._add_matmul(acc, a, b)
+    torch.testing.assert_close(acc, a.float() @ b.float(), atol=1e-4, rtol=1e-4)
+    assert logprobs._OUT_DTYPE.get(torch.bfloat16, True), "torch.addmm(out_dtype=float32) was refused"
 
 
 def test_sft_reward_model_and_eval_on_cuda(setup):

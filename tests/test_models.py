@@ -409,3 +409,46 @@ def test_chunk_weight_gradients_are_summed_in_float32():
     assert ((acc.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5
     rounded = sum((a[:, i : i + 8] @ b[i : i + 8]).float() for i in range(0, 40, 8))
     assert ((rounded.double() - exact).abs().max() / exact.abs().max()).item() > 1e-4  # what it avoids
+
+
+def test_only_a_plain_unhooked_linear_head_takes_the_fused_path():
+    """Anything that the module's forward would run besides the matmul keeps the module path: a patched
+    forward, any hook on the head (token_logprobs' own pre-hook excepted), a hook on every module."""
+    head = torch.nn.Linear(4, 6)
+    assert logprobs._linear_head(head)
+    own = head.register_forward_pre_hook(lambda m, a: None)
+    assert logprobs._linear_head(head, own_hook=own.id) and not logprobs._linear_head(head)
+    own.remove()
+    for add in (
+        lambda: head.register_full_backward_hook(lambda m, gi, go: None),
+        lambda: head.register_forward_hook(lambda m, a, o: None),
+        lambda: torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: None),
+    ):
+        handle = add()
+        assert not logprobs._linear_head(head)
+        handle.remove()
+        assert logprobs._linear_head(head)
+    head.forward = lambda x: 2 * torch.nn.functional.linear(x, head.weight, head.bias)
+    assert not logprobs._linear_head(head)
+
+
+def test_a_float64_head_under_autocast_stays_float64():
+    """Autocast leaves float64 alone, and so does the fused head: float64 matmuls, float64 gradients."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 40, dtype=torch.float64)
+    hidden = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 40, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = logprobs.head_logprobs(head, hidden, tokens)  # one piece: the head module itself
+    want = torch.log_softmax(head(hidden), -1).gather(-1, tokens[..., None]).squeeze(-1)
+    old = logprobs.CHUNK_ELEMENTS
+    try:
+        logprobs.CHUNK_ELEMENTS = 2 * 40  # 2 tokens a chunk: the fused path
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused = logprobs.head_logprobs(head, hidden, tokens)
+    finally:
+        logprobs.CHUNK_ELEMENTS = old
+    assert (got - want).abs().max() < 1e-6
+    assert (fused - want).abs().max() < 1e-6  # bf16 matmuls would be ~1e-3 off
+    (g,) = torch.autograd.grad(fused.sum(), hidden)
+    assert g.dtype == torch.float64
