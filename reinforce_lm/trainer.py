@@ -196,8 +196,8 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
             return
         path = save(safe["step"], safe["rng"], safe["stage"])
         if d.is_main:
-            step_ = safe["step"]
-            print(f"error in step {step_ + 1}: the state after step {step_} is saved at {path}; fix the "
+            step_, where = safe["step"], "step" if safe["step"] < step else "the evaluation after step"
+            print(f"error in {where} {step}: the state after step {step_} is saved at {path}; fix the "
                   "cause and pass --resume to continue from it", file=sys.stderr)  # fmt: skip
 
     with GracefulInterrupt(save_on_error) as interrupt:
@@ -263,9 +263,10 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
             metrics["step_seconds"] = time.perf_counter() - t_step
             if "completion_tokens" in metrics:
                 metrics["tokens_per_second"] = metrics["completion_tokens"] / metrics["step_seconds"]
-            if getattr(cfg, "eval_every", 0) and step % cfg.eval_every == 0 and step != cfg.steps:
-                metrics.update(stage.evaluate())
-            if step == cfg.steps:
+            every = getattr(cfg, "eval_every", 0)
+            if step == cfg.steps or (every and step % every == 0):
+                # The step is finished: an error in the evaluation (a judge that went away) saves it
+                safe.update(step=step, rng=checkpoint.rng_state(), stage=copy.deepcopy(stage.state_dict()))
                 metrics.update(stage.evaluate())
             logger.log(step, metrics)
             # A Ctrl-C may reach some processes only (or a step apart): all stop when any one asked.

@@ -379,7 +379,14 @@ def expected_gradient(estimator, k=3, **kw):
 
 
 @pytest.mark.parametrize(
-    "estimator, kw", [("none", {}), ("running_mean", {"running_mean": alg.RunningMean()}), ("rloo", {})]
+    "estimator, kw",
+    [
+        ("none", {}),
+        ("running_mean", {"running_mean": alg.RunningMean()}),
+        ("rloo", {}),
+        # ReMax: the greedy completion's score depends on the prompt alone (the same for every tuple)
+        ("remax", {"baseline_rewards": torch.full((3,), 1.3, dtype=F64)}),
+    ],
 )
 def test_unbiased_estimators_match_true_gradient(estimator, kw):
     got, true = expected_gradient(estimator, **kw)
@@ -509,7 +516,8 @@ def test_kl_estimators_by_hand():
 def test_kl_gradients_by_exact_enumeration():
     """What each estimator's gradient is, with a softmax policy over 4 arms (Tang & Munos 2025): in the
     loss (pathwise, E_pi[grad k(a)]) k2 gives grad KL(pi || ref), k3 grad KL(ref || pi), k1 zero; in the
-    reward (detached, score function E_pi[k(a) grad log pi(a)]) k1 gives grad KL(pi || ref)."""
+    reward (detached, score function E_pi[k(a) grad log pi(a)]) k1 gives grad KL(pi || ref), and k2 and
+    k3 neither direction's gradient."""
     theta = torch.tensor([0.3, -1.2, 0.8, 0.1], dtype=F64, requires_grad=True)
     ref_logp = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=F64).log()
 
@@ -531,6 +539,10 @@ def test_kl_gradients_by_exact_enumeration():
     )
     close(k1_reward, forward_kl, tol=1e-12)
     assert (forward_kl - reverse_kl).abs().max() > 0.05  # the two directions differ here
+    for k in ("k2", "k3"):  # in the reward, neither direction's gradient (nor a multiple of one)
+        g = grad(lambda lp, k=k: (lp.exp().detach() * alg.kl_divergence(lp, ref_logp, k).detach() * lp).sum())
+        for kl in (forward_kl, reverse_kl):
+            assert (g - (g @ kl) / (kl @ kl) * kl).norm() > 0.05 * g.norm()
 
 
 def test_k1_and_k3_are_unbiased_and_k3_nonnegative():

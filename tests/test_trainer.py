@@ -169,6 +169,35 @@ def test_an_error_mid_run_saves_the_last_finished_step_and_resume_is_exact(task,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_an_error_in_the_evaluation_saves_the_step_it_follows(task, tmp_path, capsys):
+    """The evaluation runs after the step's update: a reward that raises there (once) leaves the state
+    after that step on disk, and --resume ends where an unbroken run ends."""
+    once = tmp_path / "once.py"
+    marker = str(tmp_path / "failed")
+    once.write_text(  # raises on the first evaluation after two training steps, once
+        "import os\n"
+        "from reinforce_lm.toy import letter_reward\n"
+        "trained = 0\n\n"
+        "def once(prompts, completions, split=None, **kw):\n"
+        "    global trained\n"
+        "    trained += split is None\n"
+        f"    if split is not None and trained >= 2 and not os.path.exists({marker!r}):\n"
+        f"        open({marker!r}, 'w').close()\n"
+        "        raise RuntimeError('judge went away')\n"
+        "    return letter_reward(prompts, completions, **kw)\n"
+    )
+    write_jsonl(tmp_path / "eval.jsonl", [dict(r, split="eval") for r in toy.letter_prompts(16, seed=3)])
+    kw = dict(steps=4, eval_every=2, eval_prompts=str(tmp_path / "eval.jsonl"), reward=[f"{once}:once"])
+    with pytest.raises(RewardError, match="judge went away"):
+        run_train(config(task, tmp_path / "part", **kw))
+    assert "error in the evaluation after step 2: the state after step 2 is saved" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "part").glob("checkpoint-*")) == ["checkpoint-2"]
+    run_train(config(task, tmp_path / "part", resume=True, **kw))
+    run_train(config(task, tmp_path / "full", **kw))
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_non_finite_gradient_stops_the_run_before_it_reaches_the_weights(task, tmp_path, capsys):
     """Scores that are finite but whose differences overflow float32 make the loss infinite in step 2:
     the run stops with the error before the optimiser step, and the state after step 1 is on disk."""
