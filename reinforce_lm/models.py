@@ -257,6 +257,11 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        # Many models keep the probability as a float attribute and call F.dropout(p=self.dropout) (OPT:
+        # dropout 0.1 by default; BART-style decoders, XGLM), or skip layers with it (`layerdrop`)
+        for name, value in vars(m).items():
+            if isinstance(value, float) and ("dropout" in name or name.endswith(("pdrop", "layerdrop"))):
+                setattr(m, name, 0.0)
     for key in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, 0.0)

@@ -452,3 +452,73 @@ def test_a_float64_head_under_autocast_stays_float64():
     assert (fused - want).abs().max() < 1e-6  # bf16 matmuls would be ~1e-3 off
     (g,) = torch.autograd.grad(fused.sum(), hidden)
     assert g.dtype == torch.float64
+
+
+def _arch_config(name: str, V: int):
+    """Tiny configs of architectures beyond the toy ones, with the head shapes that differ between them."""
+    import transformers as T
+
+    small = dict(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    return {
+        "phi": lambda: T.PhiConfig(**small),  # an LM head with a bias
+        "opt_proj": lambda: T.OPTConfig(  # the head sees project_out's 16-wide output, not the hidden 32
+            vocab_size=V, hidden_size=32, word_embed_proj_dim=16, ffn_dim=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=64,
+        ),
+        "gpt_neox": lambda: T.GPTNeoXConfig(**small),  # the head is `embed_out`
+        "bloom": lambda: T.BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=4),  # tied, ALiBi
+        "mixtral": lambda: T.MixtralConfig(**small, num_key_value_heads=2, num_local_experts=4),
+        "gemma": lambda: T.GemmaConfig(**small, num_key_value_heads=1, head_dim=8),  # scaled embeddings
+        "gemma2_softcap": lambda: T.Gemma2Config(  # soft-capped logits: the model's own path
+            **small, num_key_value_heads=1, head_dim=8, final_logit_softcapping=5.0
+        ),
+    }[name]()  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "arch", ["phi", "opt_proj", "gpt_neox", "bloom", "mixtral", "gemma", "gemma2_softcap"]
+)
+def test_chunked_head_on_other_architectures(monkeypatch, arch):
+    """token_logprobs in chunks, on heads with a bias, a projection before them, another name, tied
+    weights, MoE layers, or soft-capped logits: the log-probs and gradients of the model's own logits."""
+    from transformers import AutoModelForCausalLM
+
+    V = 61
+    torch.manual_seed(0)
+    model = models.disable_dropout(AutoModelForCausalLM.from_config(_arch_config(arch, V))).train()
+    ids = torch.randint(1, V, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    n, weights = 5, torch.randn(3, 5)
+    want, _ = _model_logprobs(model, ids, mask, n)
+    want_grads = torch.autograd.grad((want * weights).sum(), list(model.parameters()), allow_unused=True)
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 2 * V)  # 2 tokens a chunk
+    plain = logprobs._plain_head(model, ids[:1], mask[:1])
+    assert (plain is None) == (arch == "gemma2_softcap")
+    got = logprobs.token_logprobs(model, ids, mask, n)
+    got_grads = torch.autograd.grad((got * weights).sum(), list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_disable_dropout_reaches_float_probabilities_in_modules():
+    """OPT keeps its dropout (0.1 by default) as float attributes of its layers and calls F.dropout with
+    them: after disable_dropout, a train-mode forward is the eval-mode forward (the sampler's policy)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.OPTConfig(
+        vocab_size=61, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, dropout=0.1, attention_dropout=0.1, activation_dropout=0.1,
+    )  # fmt: skip
+    model = T.AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(1, 61, (2, 7))
+    with torch.no_grad():
+        model.train()
+        assert not torch.equal(model(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+        models.disable_dropout(model).train()
+        assert torch.equal(model(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
