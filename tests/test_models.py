@@ -522,3 +522,24 @@ def test_disable_dropout_reaches_float_probabilities_in_modules():
         assert not torch.equal(model(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
         models.disable_dropout(model).train()
         assert torch.equal(model(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize(
+    "arch", ["phi", "opt_proj", "gpt_neox", "bloom", "mixtral", "gemma", "gemma2_softcap"]
+)
+def test_the_sampler_and_the_update_score_the_same_tokens_alike(arch, tokenizer):
+    """What the sampler records for each token (its log-prob under the policy, left-padded prompts of
+    different lengths) is what the update computes from the finished sequences: otherwise on-policy
+    ratios, KL-in-reward and the sampler's old log-probs are off, for that architecture only."""
+    from transformers import AutoModelForCausalLM
+
+    from reinforce_lm.rollout import Sampler, row_seeds
+
+    config = _arch_config(arch, len(tokenizer))
+    config.update(dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    torch.manual_seed(0)
+    model = models.disable_dropout(AutoModelForCausalLM.from_config(config)).train()
+    prompts, g = ["a?", "bcd+1=", "j?", "0123456789?"], torch.arange(4)
+    r = Sampler(tokenizer, max_new_tokens=7).sample(model, prompts, g, 2, row_seeds(0, 0, g, 2))
+    got = logprobs.token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
+    torch.testing.assert_close(got * r.response_mask, r.logp, atol=1e-5, rtol=1e-5)
