@@ -109,6 +109,15 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def _repeat_cache(cache, k: int) -> bool:
+    """Repeat every row of `cache` k times in place; False where the cache cannot (then it is dropped)."""
+    try:
+        cache.batch_repeat_interleave(k)
+    except (AttributeError, NotImplementedError, TypeError):  # e.g. a cache whose layers lack the method
+        return False
+    return True
+
+
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     """Join rollouts along the batch: prompts left-padded and responses right-padded to common widths."""
 
@@ -275,10 +284,9 @@ class Sampler:
         out = model(input_ids=ids, **forward_kwargs(model, mask, keep=1, use_cache=True))
         cache = out[ckw] if ckw in out else out.past_key_values
         logits = out.logits[:, -1]  # [P, V]
-        if k > 1 and hasattr(cache, "batch_repeat_interleave"):  # one prefill per prompt, cache repeated
-            cache.batch_repeat_interleave(k)
+        if k > 1 and _repeat_cache(cache, k):  # one prefill per prompt, cache repeated
             logits, mask = logits.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-        elif k > 1:  # a cache type that cannot be repeated (custom models): prefill every sample
+        elif k > 1:  # a cache that cannot be repeated (custom models, Mamba's): prefill every sample
             ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
             out = model(input_ids=ids, **forward_kwargs(model, mask, keep=1, use_cache=True))
             cache, logits = (out[ckw] if ckw in out else out.past_key_values), out.logits[:, -1]  # [B, V]

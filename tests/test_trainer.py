@@ -714,3 +714,32 @@ def test_generation_batch_size_does_not_change_the_run(task, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     ra = read_metrics(tmp_path / "one" / "metrics.jsonl")[-1]["reward_mean"]
     assert ra == read_metrics(tmp_path / "chunked" / "metrics.jsonl")[-1]["reward_mean"]
+
+
+def test_the_sampler_and_the_update_agree_and_a_disagreement_is_reported(task, tmp_path, monkeypatch):
+    """On-policy, `logp_gap` (the update's log-probs against what the sampler recorded) is float32
+    rounding; a sampler whose log-probs are off (a model that decodes differently with its cache) gets
+    one warning naming the size of the gap."""
+    import warnings
+
+    from reinforce_lm import rollout
+
+    run_train(config(task, tmp_path / "same", steps=2))
+    rows = [r for r in read_metrics(tmp_path / "same" / "metrics.jsonl") if r["step"] > 0]
+    assert all(0 <= r["logp_gap"] < 1e-5 for r in rows)
+
+    sample = rollout.Sampler.sample
+
+    def off(self, *args, **kw):
+        r = sample(self, *args, **kw)
+        r.logp = r.logp + 0.01
+        return r
+
+    monkeypatch.setattr(rollout.Sampler, "sample", off)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_train(config(task, tmp_path / "off", steps=2))
+    said = [str(w.message) for w in caught if "between the sampler and the update" in str(w.message)]
+    assert len(said) == 1 and "up to 0.01" in said[0]
+    rows = [r for r in read_metrics(tmp_path / "off" / "metrics.jsonl") if r["step"] > 0]
+    assert all(r["logp_gap"] == pytest.approx(0.01, rel=1e-3) for r in rows)

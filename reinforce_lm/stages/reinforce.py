@@ -8,6 +8,7 @@ under `inference_mode` -> detached advantages -> per-micro-batch loss normalised
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,8 @@ from reinforce_lm.distributed import Dist, rank_chunks, unwrap
 from reinforce_lm.logprobs import in_chunks, token_logprobs
 from reinforce_lm.rewards import RewardSet
 from reinforce_lm.rollout import Rollout, Sampler, row_seeds
+
+GAP_WARN = 1e-3  # largest |sampler - update| log-prob of a token that float32 rounding explains
 
 
 def trim(batch: dict[str, torch.Tensor], n_prompt: int) -> dict[str, torch.Tensor]:
@@ -68,6 +71,7 @@ class ReinforceStage:
         self.running_mean = A.RunningMean(cfg.running_mean_decay)
         self.off_policy = cfg.updates_per_batch > 1 or cfg.minibatches > 1
         self._kl_from_loss = False  # set by collect: the KL metric comes from the loss (see `loss`)
+        self._gap_checked = False  # the sampler's log-probs against the update's, once (see `loss`)
 
     # -- the loop's interface ------------------------------------------------------------------
     def param_groups(self):
@@ -177,6 +181,8 @@ class ReinforceStage:
         batch = {"input_ids": ids, "attention_mask": attn, "mask": mask, "advantages": adv}
         if self.off_policy:
             batch["old_logp"] = old_logp
+        elif s.rollout.logp is not None:  # on-policy: what the sampler recorded, to compare (`loss`)
+            batch["sample_logp"] = s.rollout.logp
         if ref_logp is not None and cfg.kl_in == "loss":
             batch["ref_logp"] = ref_logp
         return batch, self.step_metrics(s, kl)
@@ -245,12 +251,35 @@ class ReinforceStage:
             metrics["kl_loss"] = kl_loss.item()
             if self._kl_from_loss:  # no sampling log-probs (hf backend): the on-policy KL is this one
                 metrics["kl"] = ((kl.detach() * mask).sum() / tok).item()
+        if "sample_logp" in micro:  # on-policy, the update's log-probs are the sampler's, up to rounding
+            gap = (logp.detach() - micro["sample_logp"]).abs() * mask  # [b, T]
+            metrics["logp_gap"] = (gap.sum() / tok).item()
+            if not self._gap_checked:
+                self._gap_checked = True
+                self._check_gap(gap.max().item())
         if old is not None:
             metrics["clip_fraction"] = (
                 A.clip_fraction(logp, old, mask, cfg.clip_eps) * mask.sum() / tok
             ).item()
         metrics["loss"] = loss.item()
         return loss, metrics
+
+    def _check_gap(self, worst: float) -> None:
+        """Warn once when, in float32, the update scores a sampled token differently from the sampler: the
+        model computes another distribution decoding with its cache than in one forward over the whole
+        sequence (its handling of left padding, dropout, custom code), so on-policy is not on-policy."""
+        cfg = self.cfg
+        exact = cfg.dtype == "float32" and cfg.mixed_precision == "no"
+        if exact and worst > GAP_WARN and self.d.is_main:
+            warnings.warn(
+                f"the policy's log-prob of a sampled token differs by up to {worst:.3g} between the sampler "
+                "and the update (float32: expected below 1e-4). This model does not give the same "
+                "distribution when decoding with its cache as in one forward over the whole sequence (left "
+                "padding of prompts of different lengths, dropout, custom code), so the updates are "
+                "slightly off-policy and the KL estimates are off; `logp_gap` in metrics.jsonl tracks it. "
+                "`--generation-backend hf` samples with the model's own generate()",
+                stacklevel=2,
+            )
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
