@@ -269,7 +269,12 @@ class ReinforceStage:
         model computes another distribution decoding with its cache than in one forward over the whole
         sequence (its handling of left padding, dropout, custom code), so on-policy is not on-policy."""
         cfg = self.cfg
-        exact = cfg.dtype == "float32" and cfg.mixed_precision == "no"
+        exact = (  # float32 throughout (TF32 matmuls round to 10 bits)
+            cfg.dtype == "float32"
+            and cfg.mixed_precision == "no"
+            and torch.get_float32_matmul_precision() == "highest"
+            and not (self.d.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+        )
         if exact and worst > GAP_WARN and self.d.is_main:
             warnings.warn(
                 f"the policy's log-prob of a sampled token differs by up to {worst:.3g} between the sampler "
