@@ -118,6 +118,12 @@ def _repeat_cache(cache, k: int) -> bool:
     return True
 
 
+def _can_select(cache) -> bool:
+    """Whether rows can be dropped from `cache`: the cache and each of its layers (Mamba's lack it) can."""
+    layers = getattr(cache, "layers", None) or []
+    return hasattr(cache, "batch_select_indices") and all(hasattr(x, "batch_select_indices") for x in layers)
+
+
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     """Join rollouts along the batch: prompts left-padded and responses right-padded to common widths."""
 
@@ -314,7 +320,7 @@ class Sampler:
                 tokens[:, : len(columns)] = torch.stack([c[0] for c in columns], 1)
                 logps[:, : len(columns)] = torch.stack([c[1] for c in columns], 1)
 
-        can_drop = lean is not None or hasattr(cache, "batch_select_indices")
+        can_drop = lean is not None or _can_select(cache)
         for t in range(T):
             scaled = logits.float()  # [n, V]
             if self.temperature != 1.0:

@@ -545,6 +545,9 @@ def test_the_sampler_and_the_update_score_the_same_tokens_alike(arch, tokenizer)
     torch.testing.assert_close(got * r.response_mask, r.logp, atol=1e-5, rtol=1e-5)
 
 
+_TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
 def test_a_cache_that_cannot_be_repeated_is_prefilled_per_sample(tokenizer):
     """Mamba's cache has `batch_repeat_interleave` but its layers do not: the sampler prefills each of
     the K samples instead, and records the log-probs the update computes (prompts of one length: Mamba
@@ -562,3 +565,10 @@ def test_a_cache_that_cannot_be_repeated_is_prefilled_per_sample(tokenizer):
     assert len(r.completions) == 6
     got = logprobs.token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
     torch.testing.assert_close(got * r.response_mask, r.logp, atol=1e-5, rtol=1e-5)
+    # nor can rows be dropped from it once they finish: they are decoded on, as padding
+    from reinforce_lm.rollout import _can_select
+
+    ids = torch.randint(1, len(tokenizer), (2, 4))
+    assert not _can_select(model(input_ids=ids, use_cache=True).cache_params)
+    llama = T.AutoModelForCausalLM.from_config(T.LlamaConfig(**_TINY_LLAMA, vocab_size=len(tokenizer)))
+    assert _can_select(llama(input_ids=ids, use_cache=True).past_key_values)
