@@ -171,6 +171,7 @@ class Sampler:
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.max_prompt_length = max_prompt_length
         self.backend, self.seeded = backend, seeded
+        self._said_hf = False  # warned that a model without a KV cache samples with generate()
         self.pad_id = tokenizer.pad_token_id
         # Under FSDP every forward all-gathers across ranks, so all ranks must decode the same number
         # of steps: `sync_stop(local_done) -> bool` makes "all sequences finished" global (Dist.all_true).
@@ -251,10 +252,17 @@ class Sampler:
         was_training = model.training
         model.eval()
         try:
-            if self.backend == "hf":
+            native = self._native(model, ids, mask, k, row_seed, greedy) if self.backend != "hf" else None
+            if native is None:
+                if self.backend != "hf" and not self._said_hf:
+                    self._said_hf = True
+                    warnings.warn(
+                        f"{type(model).__name__}'s forward returns no KV cache: sampling with its generate()",
+                        stacklevel=3,
+                    )
                 resp, logp = self._hf(model, ids, mask, k, greedy), None
             else:
-                resp, logp = self._native(model, ids, mask, k, row_seed, greedy)
+                resp, logp = native
         finally:
             model.train(was_training)
         return self._finish(model, ids, mask, resp, logp, group_ids, prompts, k)
@@ -288,7 +296,9 @@ class Sampler:
     def _native(self, model, ids, mask, k, row_seed, greedy):
         ckw = cache_kwarg(model)
         out = model(input_ids=ids, **forward_kwargs(model, mask, keep=1, use_cache=True))
-        cache = out[ckw] if ckw in out else out.past_key_values
+        cache = out.get(ckw) or out.get("past_key_values")
+        if cache is None:  # no cache to decode with (RecurrentGemma keeps its state inside): generate()
+            return None
         logits = out.logits[:, -1]  # [P, V]
         if k > 1 and _repeat_cache(cache, k):  # one prefill per prompt, cache repeated
             logits, mask = logits.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)

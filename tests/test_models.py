@@ -572,3 +572,28 @@ def test_a_cache_that_cannot_be_repeated_is_prefilled_per_sample(tokenizer):
     assert not _can_select(model(input_ids=ids, use_cache=True).cache_params)
     llama = T.AutoModelForCausalLM.from_config(T.LlamaConfig(**_TINY_LLAMA, vocab_size=len(tokenizer)))
     assert _can_select(llama(input_ids=ids, use_cache=True).past_key_values)
+
+
+def test_a_model_whose_forward_returns_no_cache_samples_with_generate(tokenizer):
+    """RecurrentGemma keeps its recurrent state inside the model and returns no cache: the native
+    sampler hands it to `generate()` (with a warning), and the rollout has no sampler log-probs."""
+    import warnings
+
+    import transformers as T
+
+    from reinforce_lm.rollout import Sampler
+
+    config = T.RecurrentGemmaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=4, lru_width=32,
+        intermediate_size=64, attention_window_size=16, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = models.disable_dropout(T.AutoModelForCausalLM.from_config(config))
+    sampler = Sampler(tokenizer, max_new_tokens=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = sampler.sample(model, ["a?", "bcd+1="], torch.arange(2), 2)
+        sampler.sample(model, ["a?"], torch.arange(1), 2)
+    assert len(r.completions) == 4 and r.logp is None
+    assert sum("returns no KV cache" in str(w.message) for w in caught) == 1
