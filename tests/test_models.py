@@ -474,6 +474,21 @@ def _arch_config(name: str, V: int):
         "gemma2_softcap": lambda: T.Gemma2Config(  # soft-capped logits: the model's own path
             **small, num_key_value_heads=1, head_dim=8, final_logit_softcapping=5.0
         ),
+        "falcon": lambda: T.FalconConfig(
+            vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            new_decoder_architecture=True, num_kv_heads=2,
+        ),
+        "gptj": lambda: T.GPTJConfig(vocab_size=V, n_embd=32, n_layer=2, n_head=4, rotary_dim=4),
+        "phi3": lambda: T.Phi3Config(**small),
+        "gpt_bigcode": lambda: T.GPTBigCodeConfig(vocab_size=V, n_embd=32, n_layer=2, n_head=4),
+        "granite": lambda: T.GraniteConfig(**small, logits_scaling=2.0),  # scaled logits: own path
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(
+            **small, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8
+        ),
+        "jamba": lambda: T.JambaConfig(  # attention and Mamba layers in one cache
+            **small, num_key_value_heads=2, num_experts=2, attn_layer_period=2, attn_layer_offset=1,
+            expert_layer_period=2, mamba_d_state=4, use_mamba_kernels=False,
+        ),
     }[name]()  # fmt: skip
 
 
@@ -525,7 +540,9 @@ def test_disable_dropout_reaches_float_probabilities_in_modules():
 
 
 @pytest.mark.parametrize(
-    "arch", ["phi", "opt_proj", "gpt_neox", "bloom", "mixtral", "gemma", "gemma2_softcap"]
+    "arch",
+    ["phi", "opt_proj", "gpt_neox", "bloom", "mixtral", "gemma", "gemma2_softcap"]
+    + ["falcon", "gptj", "phi3", "gpt_bigcode", "granite", "qwen3_moe", "jamba"],
 )
 def test_the_sampler_and_the_update_score_the_same_tokens_alike(arch, tokenizer):
     """What the sampler records for each token (its log-prob under the policy, left-padded prompts of
