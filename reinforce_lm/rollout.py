@@ -118,6 +118,18 @@ def _repeat_cache(cache, k: int) -> bool:
     return True
 
 
+def _attends(cache) -> bool:
+    """Whether decode steps take the attention mask: the cache holds attention (key/value) layers. A
+    state-space model's (Mamba's) holds none, and transformers' Mamba multiplies the step's one position
+    by a mask as long as the sequence: wrong log-probs for every row of a padded batch."""
+    layers = getattr(cache, "layers", None)
+    try:
+        from transformers.cache_utils import CacheLayerMixin
+    except ImportError:  # an older transformers: every cache is a key/value cache
+        return True
+    return not layers or any(isinstance(x, CacheLayerMixin) for x in layers)
+
+
 def _can_select(cache) -> bool:
     """Whether rows can be dropped from `cache`: the cache and each of its layers (Mamba's lack it) can."""
     layers = getattr(cache, "layers", None) or []
@@ -311,6 +323,7 @@ class Sampler:
         if lean is None:
             preallocate(cache, T)  # in-place KV writes, not a torch.cat of the whole cache per token
         padded = not bool(mask.all())  # without padding no attention mask is needed at all
+        mask_steps = _attends(cache)  # a state-space model's cache has no keys to mask
         eos = torch.tensor(self.eos_ids(model), device=dev)
         is_eos = (lambda x: x == eos[0]) if len(eos) == 1 else (lambda x: torch.isin(x, eos))
         amask = torch.cat([mask, mask.new_ones(B, T)], dim=1)  # [B, Lp+T]; step t reads a prefix view
@@ -373,7 +386,7 @@ class Sampler:
             if lean is not None:
                 logits = lean.step(tok, pos, amask[:, : Lp + t + 1] if padded else None)
                 continue
-            kw = {"attention_mask": amask[:, : Lp + t + 1]} if padded else {}
+            kw = {"attention_mask": amask[:, : Lp + t + 1]} if padded and mask_steps else {}
             if with_pos:
                 kw["position_ids"] = pos[:, None]
             out = model(input_ids=tok[:, None], use_cache=True, **{ckw: cache}, **kw)

@@ -567,8 +567,9 @@ _TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, nu
 
 def test_a_cache_that_cannot_be_repeated_is_prefilled_per_sample(tokenizer):
     """Mamba's cache has `batch_repeat_interleave` but its layers do not: the sampler prefills each of
-    the K samples instead, and records the log-probs the update computes (prompts of one length: Mamba
-    in transformers treats left padding differently with and without its cache)."""
+    the K samples instead, and records the log-probs the update computes, prompts of different lengths
+    too (its decode steps take no attention mask: transformers' Mamba misreads one as long as the
+    sequence)."""
     import transformers as T
 
     from reinforce_lm.rollout import Sampler, row_seeds
@@ -578,7 +579,7 @@ def test_a_cache_that_cannot_be_repeated_is_prefilled_per_sample(tokenizer):
     torch.manual_seed(0)
     model = models.disable_dropout(T.AutoModelForCausalLM.from_config(config)).train()
     g = torch.arange(2)
-    r = Sampler(tokenizer, max_new_tokens=6).sample(model, ["ab?", "cd?"], g, 3, row_seeds(0, 0, g, 3))
+    r = Sampler(tokenizer, max_new_tokens=6).sample(model, ["ab?", "c+de?"], g, 3, row_seeds(0, 0, g, 3))
     assert len(r.completions) == 6
     got = logprobs.token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
     torch.testing.assert_close(got * r.response_mask, r.logp, atol=1e-5, rtol=1e-5)
