@@ -119,15 +119,18 @@ def _repeat_cache(cache, k: int) -> bool:
 
 
 def _attends(cache) -> bool:
-    """Whether decode steps take the attention mask: the cache holds attention (key/value) layers. A
-    state-space model's (Mamba's) holds none, and transformers' Mamba multiplies the step's one position
-    by a mask as long as the sequence: wrong log-probs for every row of a padded batch."""
+    """Whether decode steps take the attention mask: False only for a cache made of state-space /
+    linear-attention layers alone (Mamba's), which hold no keys to mask. transformers' Mamba multiplies
+    the step's one position by a mask as long as the sequence: wrong log-probs for every row of a padded
+    batch. Any other cache (attention, hybrid, custom) gets the mask, as `generate` would give it."""
     layers = getattr(cache, "layers", None)
     try:
-        from transformers.cache_utils import CacheLayerMixin
-    except ImportError:  # an older transformers: every cache is a key/value cache
+        from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
+    except ImportError:  # a transformers without state-space cache layers
         return True
-    return not layers or any(isinstance(x, CacheLayerMixin) for x in layers)
+    return not layers or not all(
+        isinstance(x, LinearAttentionCacheLayerMixin) and not isinstance(x, CacheLayerMixin) for x in layers
+    )
 
 
 def _can_select(cache) -> bool:
