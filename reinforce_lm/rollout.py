@@ -109,34 +109,50 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def _state_layers(cache) -> list:
+    """The cache's state-space / linear-attention layers (Mamba's, the recurrent half of hybrids)."""
+    try:
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+    except ImportError:  # a transformers without them
+        return []
+    return [x for x in getattr(cache, "layers", None) or [] if isinstance(x, LinearAttentionCacheLayerMixin)]
+
+
 def _repeat_cache(cache, k: int) -> bool:
-    """Repeat every row of `cache` k times in place; False where the cache cannot (then it is dropped)."""
+    """Repeat every row of `cache` k times in place; False where that is not known to work (then the
+    caller prefills every sample). Caches with state-space layers are not repeated: transformers repeats
+    some hybrids' keys but not their convolution states (Falcon-H1), and Mamba's layers cannot."""
+    if _state_layers(cache):
+        return False
     try:
         cache.batch_repeat_interleave(k)
-    except (AttributeError, NotImplementedError, TypeError):  # e.g. a cache whose layers lack the method
+    except (AttributeError, NotImplementedError, TypeError):  # a cache without the method
         return False
     return True
 
 
 def _attends(cache) -> bool:
-    """Whether decode steps take the attention mask: False only for a cache made of state-space /
-    linear-attention layers alone (Mamba's), which hold no keys to mask. transformers' Mamba multiplies
-    the step's one position by a mask as long as the sequence: wrong log-probs for every row of a padded
-    batch. Any other cache (attention, hybrid, custom) gets the mask, as `generate` would give it."""
-    layers = getattr(cache, "layers", None)
+    """Whether decode steps take the attention mask: False only for a cache made of state-space layers
+    alone (Mamba's), which hold no keys to mask. transformers' Mamba multiplies the step's one position
+    by a mask as long as the sequence: wrong log-probs for every row of a padded batch. Any other cache
+    (attention, hybrid, custom) gets the mask, as `generate` would give it."""
+    layers, states = getattr(cache, "layers", None), _state_layers(cache)
     try:
-        from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
-    except ImportError:  # a transformers without state-space cache layers
+        from transformers.cache_utils import CacheLayerMixin
+    except ImportError:
         return True
-    return not layers or not all(
-        isinstance(x, LinearAttentionCacheLayerMixin) and not isinstance(x, CacheLayerMixin) for x in layers
-    )
+    return not layers or len(states) < len(layers) or any(isinstance(x, CacheLayerMixin) for x in states)
 
 
 def _can_select(cache) -> bool:
-    """Whether rows can be dropped from `cache`: the cache and each of its layers (Mamba's lack it) can."""
+    """Whether finished rows can be dropped from `cache`: a key/value cache whose every layer can (not
+    one with state-space layers, for the reason `_repeat_cache` gives)."""
     layers = getattr(cache, "layers", None) or []
-    return hasattr(cache, "batch_select_indices") and all(hasattr(x, "batch_select_indices") for x in layers)
+    return (
+        hasattr(cache, "batch_select_indices")
+        and all(hasattr(x, "batch_select_indices") for x in layers)
+        and not _state_layers(cache)
+    )
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:

@@ -485,6 +485,16 @@ def _arch_config(name: str, V: int):
         "qwen3_moe": lambda: T.Qwen3MoeConfig(
             **small, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8
         ),
+        "falcon_h1": lambda: T.FalconH1Config(  # attention and Mamba-2 in every layer: conv states
+            **small, num_key_value_heads=2, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
+            mamba_d_state=4, mamba_n_groups=1,
+        ),
+        "qwen3_next": lambda: T.Qwen3NextConfig(  # linear-attention and full-attention layers
+            **small, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=16, shared_expert_intermediate_size=16, linear_num_value_heads=4,
+            linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+            layer_types=["linear_attention", "full_attention"],
+        ),
         "jamba": lambda: T.JambaConfig(  # attention and Mamba layers in one cache
             **small, num_key_value_heads=2, num_experts=2, attn_layer_period=2, attn_layer_offset=1,
             expert_layer_period=2, mamba_d_state=4, use_mamba_kernels=False,
@@ -542,7 +552,7 @@ def test_disable_dropout_reaches_float_probabilities_in_modules():
 @pytest.mark.parametrize(
     "arch",
     ["phi", "opt_proj", "gpt_neox", "bloom", "mixtral", "gemma", "gemma2_softcap"]
-    + ["falcon", "gptj", "phi3", "gpt_bigcode", "granite", "qwen3_moe", "jamba"],
+    + ["falcon", "gptj", "phi3", "gpt_bigcode", "granite", "qwen3_moe", "jamba", "falcon_h1", "qwen3_next"],
 )
 def test_the_sampler_and_the_update_score_the_same_tokens_alike(arch, tokenizer):
     """What the sampler records for each token (its log-prob under the policy, left-padded prompts of
