@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from reinforce_lm import cli, files, toy
 from reinforce_lm.distributed import Dist
+from reinforce_lm.errors import ConfigError
 from reinforce_lm.metrics import read_metrics
 from reinforce_lm.rewards import RewardModel
 from reinforce_lm.stages.reward_model import RewardConfig, RewardStage, pair_scores, run_reward
@@ -206,3 +207,17 @@ def test_reward_help_hides_the_lora_flags_it_refuses(capsys):
     assert "--lora" not in capsys.readouterr().out
     with pytest.raises(Exception, match="lora_r is not supported by `reward`"):
         RewardConfig(model="m", data="d.jsonl", lora_r=4)
+
+
+def test_an_architecture_without_a_classification_head_is_named_in_one_line(tmp_path, tokenizer):
+    """transformers lists every architecture that has the head (hundreds of names); the error names
+    the one that has not, and what to do instead."""
+    import transformers as T
+
+    from reinforce_lm.stages.reward_model import load_reward_backbone
+
+    config = T.MambaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="no sequence-classification head for MambaConfig") as e:
+        load_reward_backbone(str(tmp_path), tokenizer, "float32", "cpu")
+    assert "\n" not in str(e.value) and len(str(e.value)) < 400

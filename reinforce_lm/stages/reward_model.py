@@ -63,6 +63,12 @@ class RewardConfig(EngineConfig):
             raise ConfigError("lora_r is not supported by `reward` yet: the reward model trains all weights")
 
 
+def _config_name(message: str) -> str:
+    """'FalconH1Config' from transformers' "Unrecognized configuration class <class '...FalconH1Config'>"."""
+    start = message.find("<class '")
+    return message[start + 8 : message.find("'>", start)].rsplit(".", 1)[-1] if start >= 0 else "this model"
+
+
 def load_reward_backbone(path: str, tokenizer, dtype: str, device):
     """`AutoModelForSequenceClassification` with one label from a causal LM (or reward model) directory.
     The head pools the last token that is not `pad_token_id`, so the config must know the pad id."""
@@ -75,7 +81,14 @@ def load_reward_backbone(path: str, tokenizer, dtype: str, device):
             resolve_model_path(path), num_labels=1, dtype=DTYPES[dtype]
         )
     except load_errors() as e:
-        raise ConfigError(f"cannot load {path!r} as a sequence-classification model: {e}") from None
+        why = str(e).split("\n")[0]  # not transformers' list of every architecture that has such a head
+        if "Unrecognized configuration class" in why:
+            why = (
+                f"transformers has no sequence-classification head for {_config_name(why)}; "
+                "train the reward model from a model of an architecture that has one (Llama, Qwen2, Mistral, "
+                "GPT-2, ...), or score with a reward function"
+            )
+        raise ConfigError(f"cannot load {path!r} as a sequence-classification model: {why}") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     return model.to(device)
