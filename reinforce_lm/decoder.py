@@ -264,3 +264,50 @@ def preallocate(cache, extra: int) -> None:
     for i, layer in enumerate(layers or []):
         if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
             layers[i] = _in_place_layer()(layer, extra)
+
+
+# -- what the sampler may do with a model's cache ------------------------------------------------
+def _state_layers(cache) -> list:
+    """The cache's state-space / linear-attention layers (Mamba's, the recurrent half of hybrids)."""
+    try:
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+    except ImportError:  # a transformers without them
+        return []
+    return [x for x in getattr(cache, "layers", None) or [] if isinstance(x, LinearAttentionCacheLayerMixin)]
+
+
+def repeat_cache(cache, k: int) -> bool:
+    """Repeat every row of `cache` k times in place; False where that is not known to work (then the
+    caller prefills every sample). Caches with state-space layers are not repeated: transformers repeats
+    some hybrids' keys but not their convolution states (Falcon-H1), and Mamba's layers cannot."""
+    if _state_layers(cache):
+        return False
+    try:
+        cache.batch_repeat_interleave(k)
+    except (AttributeError, NotImplementedError, TypeError):  # a cache without the method
+        return False
+    return True
+
+
+def attends(cache) -> bool:
+    """Whether decode steps take the attention mask: False only for a cache made of state-space layers
+    alone (Mamba's), which hold no keys to mask. transformers' Mamba multiplies the step's one position
+    by a mask as long as the sequence: wrong log-probs for every row of a padded batch. Any other cache
+    (attention, hybrid, custom) gets the mask, as `generate` would give it."""
+    layers, states = getattr(cache, "layers", None), _state_layers(cache)
+    try:
+        from transformers.cache_utils import CacheLayerMixin
+    except ImportError:
+        return True
+    return not layers or len(states) < len(layers) or any(isinstance(x, CacheLayerMixin) for x in states)
+
+
+def can_select(cache) -> bool:
+    """Whether finished rows can be dropped from `cache`: a key/value cache whose every layer can (not
+    one with state-space layers, for the reason `repeat_cache` gives)."""
+    layers = getattr(cache, "layers", None) or []
+    return (
+        hasattr(cache, "batch_select_indices")
+        and all(hasattr(x, "batch_select_indices") for x in layers)
+        and not _state_layers(cache)
+    )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from reinforce_lm.data import keep_last
-from reinforce_lm.decoder import lean_decoder, preallocate
+from reinforce_lm.decoder import attends, can_select, lean_decoder, preallocate, repeat_cache
 from reinforce_lm.errors import DataError
 from reinforce_lm.models import cache_kwarg, embedding_rows, forward_kwargs, takes_position_ids
 
@@ -109,50 +109,10 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def _state_layers(cache) -> list:
-    """The cache's state-space / linear-attention layers (Mamba's, the recurrent half of hybrids)."""
-    try:
-        from transformers.cache_utils import LinearAttentionCacheLayerMixin
-    except ImportError:  # a transformers without them
-        return []
-    return [x for x in getattr(cache, "layers", None) or [] if isinstance(x, LinearAttentionCacheLayerMixin)]
-
-
-def _repeat_cache(cache, k: int) -> bool:
-    """Repeat every row of `cache` k times in place; False where that is not known to work (then the
-    caller prefills every sample). Caches with state-space layers are not repeated: transformers repeats
-    some hybrids' keys but not their convolution states (Falcon-H1), and Mamba's layers cannot."""
-    if _state_layers(cache):
-        return False
-    try:
-        cache.batch_repeat_interleave(k)
-    except (AttributeError, NotImplementedError, TypeError):  # a cache without the method
-        return False
-    return True
-
-
-def _attends(cache) -> bool:
-    """Whether decode steps take the attention mask: False only for a cache made of state-space layers
-    alone (Mamba's), which hold no keys to mask. transformers' Mamba multiplies the step's one position
-    by a mask as long as the sequence: wrong log-probs for every row of a padded batch. Any other cache
-    (attention, hybrid, custom) gets the mask, as `generate` would give it."""
-    layers, states = getattr(cache, "layers", None), _state_layers(cache)
-    try:
-        from transformers.cache_utils import CacheLayerMixin
-    except ImportError:
-        return True
-    return not layers or len(states) < len(layers) or any(isinstance(x, CacheLayerMixin) for x in states)
-
-
-def _can_select(cache) -> bool:
-    """Whether finished rows can be dropped from `cache`: a key/value cache whose every layer can (not
-    one with state-space layers, for the reason `_repeat_cache` gives)."""
-    layers = getattr(cache, "layers", None) or []
-    return (
-        hasattr(cache, "batch_select_indices")
-        and all(hasattr(x, "batch_select_indices") for x in layers)
-        and not _state_layers(cache)
-    )
+def _cache_of(out, ckw: str):
+    """The cache a forward returned (under `ckw`, or `past_key_values`), or None."""
+    cache = out.get(ckw)
+    return out.get("past_key_values") if cache is None else cache
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -327,22 +287,22 @@ class Sampler:
     def _native(self, model, ids, mask, k, row_seed, greedy):
         ckw = cache_kwarg(model)
         out = model(input_ids=ids, **forward_kwargs(model, mask, keep=1, use_cache=True))
-        cache = out.get(ckw) or out.get("past_key_values")
+        cache = _cache_of(out, ckw)
         if cache is None:  # no cache to decode with (RecurrentGemma keeps its state inside): generate()
             return None
         logits = out.logits[:, -1]  # [P, V]
-        if k > 1 and _repeat_cache(cache, k):  # one prefill per prompt, cache repeated
+        if k > 1 and repeat_cache(cache, k):  # one prefill per prompt, cache repeated
             logits, mask = logits.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
         elif k > 1:  # a cache that cannot be repeated (custom models, Mamba's): prefill every sample
             ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
             out = model(input_ids=ids, **forward_kwargs(model, mask, keep=1, use_cache=True))
-            cache, logits = (out[ckw] if ckw in out else out.past_key_values), out.logits[:, -1]  # [B, V]
+            cache, logits = _cache_of(out, ckw), out.logits[:, -1]  # [B, V]
         B, Lp, T, dev = logits.shape[0], mask.shape[1], self.max_new_tokens, ids.device
         lean = lean_decoder(model, cache, Lp, T) if self.lean else None
         if lean is None:
             preallocate(cache, T)  # in-place KV writes, not a torch.cat of the whole cache per token
         padded = not bool(mask.all())  # without padding no attention mask is needed at all
-        mask_steps = _attends(cache)  # a state-space model's cache has no keys to mask
+        mask_steps = attends(cache)  # a state-space model's cache has no keys to mask
         eos = torch.tensor(self.eos_ids(model), device=dev)
         is_eos = (lambda x: x == eos[0]) if len(eos) == 1 else (lambda x: torch.isin(x, eos))
         amask = torch.cat([mask, mask.new_ones(B, T)], dim=1)  # [B, Lp+T]; step t reads a prefix view
@@ -362,7 +322,7 @@ class Sampler:
                 tokens[:, : len(columns)] = torch.stack([c[0] for c in columns], 1)
                 logps[:, : len(columns)] = torch.stack([c[1] for c in columns], 1)
 
-        can_drop = lean is not None or _can_select(cache)
+        can_drop = lean is not None or can_select(cache)
         for t in range(T):
             scaled = logits.float()  # [n, V]
             if self.temperature != 1.0:
