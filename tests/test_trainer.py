@@ -743,3 +743,18 @@ def test_the_sampler_and_the_update_agree_and_a_disagreement_is_reported(task, t
     assert len(said) == 1 and "up to 0.01" in said[0]
     rows = [r for r in read_metrics(tmp_path / "off" / "metrics.jsonl") if r["step"] > 0]
     assert all(r["logp_gap"] == pytest.approx(0.01, rel=1e-3) for r in rows)
+
+    # bf16 rounds: 0.01 on average is within what it explains, 0.05 is not
+    for offset, warned in ((0.01, 0), (0.05, 1)):
+
+        def shifted(self, *args, offset=offset, **kw):
+            r = sample(self, *args, **kw)
+            r.logp = r.logp + offset
+            return r
+
+        monkeypatch.setattr(rollout.Sampler, "sample", shifted)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_train(config(task, tmp_path / f"bf16-{offset}", steps=1, mixed_precision="bf16"))
+        said = [str(w.message) for w in caught if "between the sampler and the update" in str(w.message)]
+        assert len(said) == warned and all("on average" in m for m in said)
