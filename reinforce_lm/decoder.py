@@ -276,15 +276,25 @@ def _state_layers(cache) -> list:
     return [x for x in getattr(cache, "layers", None) or [] if isinstance(x, LinearAttentionCacheLayerMixin)]
 
 
+def _plain_kv(cache) -> bool:
+    """A `DynamicCache` of plain key/value layers only: the caches whose rows transformers repeats and
+    selects completely. Other layers may keep more per row than keys and values (Falcon-H1's convolution
+    states, DeepSeek-V4's compressor buffers, MiniMax's linear-attention states) that those methods miss."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    kinds = (DynamicLayer, DynamicSlidingWindowLayer, _in_place_layer())
+    layers = getattr(cache, "layers", None)
+    return type(cache) is DynamicCache and bool(layers) and all(type(x) in kinds for x in layers)
+
+
 def repeat_cache(cache, k: int) -> bool:
     """Repeat every row of `cache` k times in place; False where that is not known to work (then the
-    caller prefills every sample). Caches with state-space layers are not repeated: transformers repeats
-    some hybrids' keys but not their convolution states (Falcon-H1), and Mamba's layers cannot."""
-    if _state_layers(cache):
+    caller prefills every sample): only a `DynamicCache` of plain key/value layers is repeated."""
+    if not _plain_kv(cache):
         return False
     try:
         cache.batch_repeat_interleave(k)
-    except (AttributeError, NotImplementedError, TypeError):  # a cache without the method
+    except Exception:  # a fresh prefill of every sample follows, with a new cache
         return False
     return True
 
@@ -303,11 +313,6 @@ def attends(cache) -> bool:
 
 
 def can_select(cache) -> bool:
-    """Whether finished rows can be dropped from `cache`: a key/value cache whose every layer can (not
-    one with state-space layers, for the reason `repeat_cache` gives)."""
-    layers = getattr(cache, "layers", None) or []
-    return (
-        hasattr(cache, "batch_select_indices")
-        and all(hasattr(x, "batch_select_indices") for x in layers)
-        and not _state_layers(cache)
-    )
+    """Whether finished rows can be dropped from `cache`: only from a `DynamicCache` of plain key/value
+    layers (see `_plain_kv`); any other cache decodes finished rows on, as padding."""
+    return _plain_kv(cache)

@@ -370,6 +370,8 @@ class Sampler:
                 kw["position_ids"] = pos[:, None]
             out = model(input_ids=tok[:, None], use_cache=True, **{ckw: cache}, **kw)
             logits = out.logits[:, -1]
+            new = _cache_of(out, ckw)  # the same object for transformers' caches; a new one for tuples
+            cache = cache if new is None else new
         if rows is None:
             flush()
         return tokens, logps  # [B, T], [B, T]

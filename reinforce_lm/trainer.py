@@ -194,6 +194,8 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
         together = isinstance(err, TrainingError)
         if safe["step"] in (None, safe["saved"]) or (d.world_size > 1 and not together):
             return
+        if "metrics" in safe:  # the evaluation failed: the step itself finished, log it as finished
+            logger.log(safe["step"], safe.pop("metrics"))
         path = save(safe["step"], safe["rng"], safe["stage"])
         if d.is_main:
             step_, where = safe["step"], "step" if safe["step"] < step else "the evaluation after step"
@@ -265,9 +267,12 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
                 metrics["tokens_per_second"] = metrics["completion_tokens"] / metrics["step_seconds"]
             every = getattr(cfg, "eval_every", 0)
             if step == cfg.steps or (every and step % every == 0):
-                # The step is finished: an error in the evaluation (a judge that went away) saves it
+                # The step is finished: an error in the evaluation (a judge that went away) saves it,
+                # with its training metrics logged (`save_on_error`)
                 safe.update(step=step, rng=checkpoint.rng_state(), stage=copy.deepcopy(stage.state_dict()))
+                safe["metrics"] = dict(metrics)
                 metrics.update(stage.evaluate())
+                safe.pop("metrics")
             logger.log(step, metrics)
             # A Ctrl-C may reach some processes only (or a step apart): all stop when any one asked.
             if not d.all_true(not interrupt.requested):

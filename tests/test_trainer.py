@@ -192,7 +192,13 @@ def test_an_error_in_the_evaluation_saves_the_step_it_follows(task, tmp_path, ca
         run_train(config(task, tmp_path / "part", **kw))
     assert "error in the evaluation after step 2: the state after step 2 is saved" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "part").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert [r["step"] for r in read_metrics(tmp_path / "part" / "metrics.jsonl")] == [
+        0,
+        1,
+        2,
+    ]  # step 2 logged
     run_train(config(task, tmp_path / "part", resume=True, **kw))
+    assert [r["step"] for r in read_metrics(tmp_path / "part" / "metrics.jsonl")] == [0, 1, 2, 3, 4]
     run_train(config(task, tmp_path / "full", **kw))
     a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -758,3 +764,40 @@ def test_the_sampler_and_the_update_agree_and_a_disagreement_is_reported(task, t
             run_train(config(task, tmp_path / f"bf16-{offset}", steps=1, mixed_precision="bf16"))
         said = [str(w.message) for w in caught if "between the sampler and the update" in str(w.message)]
         assert len(said) == warned and all("on average" in m for m in said)
+
+
+def test_tf32_set_through_the_newer_torch_api_does_not_break_the_gap_check(task, tmp_path, monkeypatch):
+    """torch refuses the legacy TF32 reads once `torch.backends.*.fp32_precision` was set; the check
+    then reads the new setting (here: TF32 on, so float32 is not exact and only the mean is checked)."""
+    from reinforce_lm.stages import reinforce
+
+    def refuses():
+        raise RuntimeError("you have used mix of the legacy and new APIs to set the TF32 status")
+
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", refuses)
+    assert not reinforce._float32_matmuls(torch.device("cpu"))
+    run_train(config(task, tmp_path, steps=1))
+    assert read_metrics(tmp_path / "metrics.jsonl")[-1]["logp_gap"] < 1e-5
+
+
+def test_a_gap_that_appears_after_the_first_step_is_reported(task, tmp_path, monkeypatch):
+    """LoRA dropout shows only once the adapters have moved off zero: the check runs on until it warns."""
+    import warnings
+
+    from reinforce_lm import rollout
+
+    sample, calls = rollout.Sampler.sample, []
+
+    def later(self, *args, **kw):
+        r = sample(self, *args, **kw)
+        calls.append(1)
+        if len(calls) > 1:
+            r.logp = r.logp + 0.05
+        return r
+
+    monkeypatch.setattr(rollout.Sampler, "sample", later)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_train(config(task, tmp_path, steps=3))
+    said = [str(w.message) for w in caught if "between the sampler and the update" in str(w.message)]
+    assert len(said) == 1

@@ -25,6 +25,18 @@ from reinforce_lm.rollout import Rollout, Sampler, row_seeds
 GAP_WARN, GAP_WARN_MEAN_BF16 = 1e-3, 0.02
 
 
+def _float32_matmuls(device: torch.device) -> bool:
+    """Whether float32 matmuls round as float32 (not TF32's 10-bit mantissa) on `device`."""
+    try:
+        cuda_tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+        return torch.get_float32_matmul_precision() == "highest" and not cuda_tf32
+    except RuntimeError:  # set through torch's newer fp32_precision API: the legacy reads refuse
+        precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+        if precision == "none":  # inherits the global setting
+            precision = getattr(torch.backends, "fp32_precision", "none")
+        return precision == "ieee"
+
+
 def trim(batch: dict[str, torch.Tensor], n_prompt: int) -> dict[str, torch.Tensor]:
     """Drop all-padding columns: left of the prompts and right of the responses of this micro-batch."""
     mask = batch["mask"]
@@ -73,7 +85,7 @@ class ReinforceStage:
         self.running_mean = A.RunningMean(cfg.running_mean_decay)
         self.off_policy = cfg.updates_per_batch > 1 or cfg.minibatches > 1
         self._kl_from_loss = False  # set by collect: the KL metric comes from the loss (see `loss`)
-        self._gap_checked = False  # the sampler's log-probs against the update's, once (see `loss`)
+        self._gap_warned = False  # the sampler's log-probs against the update's (see `loss`)
 
     # -- the loop's interface ------------------------------------------------------------------
     def param_groups(self):
@@ -256,9 +268,8 @@ class ReinforceStage:
         if "sample_logp" in micro:  # on-policy, the update's log-probs are the sampler's, up to rounding
             gap = (logp.detach() - micro["sample_logp"]).abs() * mask  # [b, T]
             metrics["logp_gap"] = (gap.sum() / tok).item()
-            if not self._gap_checked:
-                self._gap_checked = True
-                self._check_gap(gap.max().item(), (gap.sum() / mask.sum().clamp(min=1)).item())
+            if not self._gap_warned:  # every micro-batch until it warns (LoRA dropout shows from step 2)
+                self._gap_warned = self._check_gap(gap.max().item(), (gap.sum() / mask.sum().clamp(1)).item())
         if old is not None:
             metrics["clip_fraction"] = (
                 A.clip_fraction(logp, old, mask, cfg.clip_eps) * mask.sum() / tok
@@ -266,32 +277,28 @@ class ReinforceStage:
         metrics["loss"] = loss.item()
         return loss, metrics
 
-    def _check_gap(self, worst: float, mean: float) -> None:
-        """Warn once when the update scores the sampled tokens differently from the sampler beyond
-        rounding: the model computes another distribution decoding with its cache than in one forward over
-        the whole sequence (its handling of left padding, dropout, custom code), so on-policy is not."""
+    def _check_gap(self, worst: float, mean: float) -> bool:
+        """Warn (and return True) when the update scores the sampled tokens differently from the sampler
+        beyond rounding: the model computes another distribution decoding with its cache than in one
+        forward over the whole sequence (left padding, dropout, custom code), so on-policy is not."""
         cfg = self.cfg
-        exact = (  # float32 throughout (TF32 matmuls round to 10 bits)
-            cfg.dtype == "float32"
-            and cfg.mixed_precision == "no"
-            and torch.get_float32_matmul_precision() == "highest"
-            and not (self.d.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
-        )
+        exact = cfg.dtype == "float32" and cfg.mixed_precision == "no" and _float32_matmuls(self.d.device)
         if exact and worst > GAP_WARN:
             found = f"differs by up to {worst:.3g} (float32: expected below 1e-4)"
         elif not exact and mean > GAP_WARN_MEAN_BF16:
             found = f"differs by {mean:.3g} on average (reduced precision: expected ~1e-3)"
         else:
-            return
-        if self.d.is_main:
-            warnings.warn(
-                f"the policy's log-prob of a sampled token {found} between the sampler and the update. "
-                "This model does not give the same distribution when decoding with its cache as in one "
-                "forward over the whole sequence (left padding of prompts of different lengths, dropout, "
-                "custom code), so the updates are off-policy and the KL estimates are off; `logp_gap` in "
-                "metrics.jsonl tracks it. `--generation-backend hf` samples with the model's own generate()",
-                stacklevel=2,
-            )
+            return False
+        lora = " (here: --lora-dropout, which the sampler does not apply)" if cfg.lora_dropout else ""
+        warnings.warn(  # by any rank that sees it: a rank's own prompts may be the ones
+            f"the policy's log-prob of a sampled token {found} between the sampler and the update. The "
+            "model does not give the same distribution when sampling as in the update's forward over the "
+            f"whole sequence: dropout{lora}, its handling of left padding or of its cache, custom code. "
+            "The updates are then off-policy and the KL estimates off; `logp_gap` in metrics.jsonl "
+            "tracks it. `--generation-backend hf` samples with the model's own generate()",
+            stacklevel=2,
+        )
+        return True
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
