@@ -26,15 +26,22 @@ GAP_WARN, GAP_WARN_MEAN_BF16 = 1e-3, 0.02
 
 
 def _float32_matmuls(device: torch.device) -> bool:
-    """Whether float32 matmuls round as float32 (not TF32's 10-bit mantissa) on `device`."""
+    """Whether float32 matmuls and convolutions round as float32 (not TF32's 10-bit mantissa) on
+    `device`. cuDNN's TF32 is on by default: float32 convolution models (Mamba without its kernels,
+    LFM2) on a GPU are then checked on the mean gap, as reduced precision."""
     try:
-        cuda_tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+        cuda_tf32 = device.type == "cuda" and (
+            torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+        )
         return torch.get_float32_matmul_precision() == "highest" and not cuda_tf32
     except RuntimeError:  # set through torch's newer fp32_precision API: the legacy reads refuse
-        precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
-        if precision == "none":  # inherits the global setting
-            precision = getattr(torch.backends, "fp32_precision", "none")
-        return precision == "ieee"
+        every = getattr(torch.backends, "fp32_precision", "none")  # what a backend's "none" inherits
+
+        def ieee(backend) -> bool:
+            own = getattr(backend, "fp32_precision", "none")
+            return (every if own == "none" else own) == "ieee"
+
+        return ieee(torch.backends.cuda.matmul) and (device.type != "cuda" or ieee(torch.backends.cudnn))
 
 
 def trim(batch: dict[str, torch.Tensor], n_prompt: int) -> dict[str, torch.Tensor]:
