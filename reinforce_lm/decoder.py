@@ -267,15 +267,6 @@ def preallocate(cache, extra: int) -> None:
 
 
 # -- what the sampler may do with a model's cache ------------------------------------------------
-def _state_layers(cache) -> list:
-    """The cache's state-space / linear-attention layers (Mamba's, the recurrent half of hybrids)."""
-    try:
-        from transformers.cache_utils import LinearAttentionCacheLayerMixin
-    except ImportError:  # a transformers without them
-        return []
-    return [x for x in getattr(cache, "layers", None) or [] if isinstance(x, LinearAttentionCacheLayerMixin)]
-
-
 def _plain_kv(cache) -> bool:
     """A `DynamicCache` of plain key/value layers only: the caches whose rows transformers repeats and
     selects completely. Other layers may keep more per row than keys and values (Falcon-H1's convolution
@@ -304,12 +295,14 @@ def attends(cache) -> bool:
     alone (Mamba's), which hold no keys to mask. transformers' Mamba multiplies the step's one position
     by a mask as long as the sequence: wrong log-probs for every row of a padded batch. Any other cache
     (attention, hybrid, custom) gets the mask, as `generate` would give it."""
-    layers, states = getattr(cache, "layers", None), _state_layers(cache)
     try:
-        from transformers.cache_utils import CacheLayerMixin
-    except ImportError:
+        from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
+    except ImportError:  # a transformers without state-space cache layers
         return True
-    return not layers or len(states) < len(layers) or any(isinstance(x, CacheLayerMixin) for x in states)
+    layers = getattr(cache, "layers", None)
+    return not layers or not all(
+        isinstance(x, LinearAttentionCacheLayerMixin) and not isinstance(x, CacheLayerMixin) for x in layers
+    )
 
 
 def can_select(cache) -> bool:

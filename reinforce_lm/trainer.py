@@ -269,8 +269,8 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
             if step == cfg.steps or (every and step % every == 0):
                 # The step is finished: an error in the evaluation (a judge that went away) saves it,
                 # with its training metrics logged (`save_on_error`)
-                safe.update(step=step, rng=checkpoint.rng_state(), stage=copy.deepcopy(stage.state_dict()))
-                safe["metrics"] = dict(metrics)
+                state = copy.deepcopy(stage.state_dict())
+                safe.update(step=step, rng=checkpoint.rng_state(), stage=state, metrics=dict(metrics))
                 metrics.update(stage.evaluate())
                 safe.pop("metrics")
             logger.log(step, metrics)
