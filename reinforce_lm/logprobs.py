@@ -31,60 +31,74 @@ def _rows(logits: torch.Tensor, elements: int | None = None) -> int:
 
 
 class _ChosenLogp(torch.autograd.Function):
-    """log softmax(logits)[tokens] in float32, `rows` rows of logits at a time.
+    """log softmax(logits / temperature)[tokens] in float32, `rows` rows of logits at a time.
 
-    Saved for backward: the logits themselves and the [B, T] log-normalisers, nothing of size V in
-    float32. The backward writes g * (onehot(tokens) - softmax) chunk by chunk straight into one gradient
-    tensor of the logits' dtype (in place for float32 logits), where autograd's log-softmax and gather
-    would allocate three [B, T, V] tensors (their sum, the softmax and the scattered one-hot).
+    Each chunk is upcast before it is divided: bf16 logits divided in bf16 would round every scaled
+    logit once more (log-prob errors of ~0.02 at temperature 0.7, where the sampler, which divides in
+    float32, sees none). Saved for backward: the logits themselves and the [B, T] log-normalisers,
+    nothing of size V in float32. The backward writes g * (onehot(tokens) - softmax) / temperature chunk
+    by chunk straight into one gradient tensor of the logits' dtype (in place for float32 logits), where
+    autograd's log-softmax and gather would allocate three [B, T, V] tensors (their sum, the softmax and
+    the scattered one-hot).
     """
 
     @staticmethod
-    def forward(ctx, logits, tokens, rows: int):  # [B, T, V], [B, T] -> [B, T] float32
+    def forward(ctx, logits, tokens, rows: int, temperature: float):  # [B, T, V], [B, T] -> [B, T] f32
         lse = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)  # [B, T]
         for i in range(0, logits.shape[0], rows):
-            lse[i : i + rows] = torch.logsumexp(logits[i : i + rows].float(), dim=-1)
+            lse[i : i + rows] = torch.logsumexp(_scaled(logits[i : i + rows], temperature), dim=-1)
         ctx.save_for_backward(logits, tokens, lse)
-        ctx.rows = rows
-        return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float() - lse
+        ctx.rows, ctx.temperature = rows, temperature
+        return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float() / temperature - lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):  # g [B, T] -> [B, T, V]
         logits, tokens, lse = ctx.saved_tensors
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        in_place = logits.dtype == torch.float32
         for i in range(0, logits.shape[0], ctx.rows):
             rows = slice(i, i + ctx.rows)
-            gi = g[rows].unsqueeze(-1).float()  # [b, T, 1]
-            in_place = logits.dtype == torch.float32
+            gi = g[rows].unsqueeze(-1).float() / ctx.temperature  # [b, T, 1]
             if in_place:
-                p = torch.sub(logits[rows], lse[rows].unsqueeze(-1), out=grad[rows])
+                p = torch.div(logits[rows], ctx.temperature, out=grad[rows]).sub_(lse[rows].unsqueeze(-1))
             else:
-                p = logits[rows].float() - lse[rows].unsqueeze(-1)
-            p.exp_().mul_(-gi).scatter_add_(-1, tokens[rows].unsqueeze(-1), gi)  # g * (onehot - softmax)
+                p = _scaled(logits[rows], ctx.temperature) - lse[rows].unsqueeze(-1)
+            p.exp_().mul_(-gi).scatter_add_(-1, tokens[rows].unsqueeze(-1), gi)  # g * (onehot - softmax) / T
             if not in_place:
                 grad[rows] = p  # cast into the logits' dtype
-        return grad, None, None
+        return grad, None, None, None
 
 
-def selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[tokens] without a float32 copy of the whole `[B, T, V]` tensor.
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature in float32, divided after the upcast (never in bf16); a fresh tensor unless
+    the logits are float32 already and the temperature is 1."""
+    lg = logits.float()
+    if temperature == 1.0:
+        return lg
+    return lg.div_(temperature) if lg is not logits else lg / temperature
+
+
+def selective_log_softmax(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log softmax(logits / temperature)[tokens] without a float32 copy of the whole `[B, T, V]` tensor.
 
     logits [B, T, V] (any dtype), tokens [B, T] -> [B, T] float32. Rows are processed a few at a time
-    (at most CHUNK_ELEMENTS logits per chunk are upcast), forward and backward (`_ChosenLogp`).
+    (at most CHUNK_ELEMENTS logits per chunk are upcast and divided), forward and backward (`_ChosenLogp`).
     """
-    return _ChosenLogp.apply(logits, tokens, _rows(logits))
+    return _ChosenLogp.apply(logits, tokens, _rows(logits), temperature)
 
 
 @torch.no_grad()
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-token entropy of softmax(logits): [B, T, V] -> [B, T] float32, chunked over rows.
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token entropy of softmax(logits / temperature): [B, T, V] -> [B, T] float32, chunked over rows.
 
     A metric only: smaller chunks than the log-probs (its three temporaries are freed at once anyway).
     """
     out = []
     for lg in logits.split(_rows(logits, CHUNK_ELEMENTS // 8)):
-        logp = F.log_softmax(lg.float(), dim=-1)
+        logp = F.log_softmax(_scaled(lg, temperature), dim=-1)
         out.append(-(logp.exp() * logp).sum(-1))
     return out[0] if len(out) == 1 else torch.cat(out)
 
@@ -129,9 +143,8 @@ def token_logprobs(
 
 def _from_logits(logits, tokens, temperature: float, entropy: bool):
     """logits [B, T, V], tokens [B, T] -> log-probs [B, T] float32 (and entropy [B, T], no gradient)."""
-    logits = logits / temperature if temperature != 1.0 else logits
-    logp = selective_log_softmax(logits, tokens)
-    return (logp, entropy_from_logits(logits.detach())) if entropy else logp
+    logp = selective_log_softmax(logits, tokens, temperature)
+    return (logp, entropy_from_logits(logits.detach(), temperature)) if entropy else logp
 
 
 def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
