@@ -339,4 +339,9 @@ def enable_activation_checkpointing(model) -> None:
     """Recompute activations in backward: `activation_checkpointing_enable` in transformers 5.x, its old
     name `gradient_checkpointing_enable` before (deprecated there, removed in v6)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
+    try:
+        enable()
+    except ValueError as err:  # transformers refuses it for architectures without support (JetMoE)
+        raise ConfigError(
+            f"--gradient-checkpointing: {type(model).__name__} does not support it ({err}); leave it off"
+        ) from None

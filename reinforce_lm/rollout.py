@@ -122,13 +122,16 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         fill = x.new_full((x.shape[0], width - x.shape[1]), value)
         return torch.cat([fill, x] if left else [x, fill], dim=1)
 
+    def pad_prompts(x: torch.Tensor, width: int) -> torch.Tensor:  # with each row's first id (`encode`)
+        return torch.cat([x[:, :1].expand(-1, width - x.shape[1]), x], dim=1)
+
     lp = max(r.prompt_ids.shape[1] for r in parts)
     t = max(r.response_ids.shape[1] for r in parts)
     logp = None
     if all(r.logp is not None for r in parts):
         logp = torch.cat([pad(r.logp, t, 0.0, left=False) for r in parts])  # [B, T]
     return Rollout(
-        prompt_ids=torch.cat([pad(r.prompt_ids, lp, pad_id, left=True) for r in parts]),  # [B, Lp]
+        prompt_ids=torch.cat([pad_prompts(r.prompt_ids, lp) for r in parts]),  # [B, Lp]
         prompt_mask=torch.cat([pad(r.prompt_mask, lp, 0, left=True) for r in parts]),
         response_ids=torch.cat([pad(r.response_ids, t, pad_id, left=False) for r in parts]),  # [B, T]
         response_mask=torch.cat([pad(r.response_mask, t, 0.0, left=False) for r in parts]),
@@ -168,6 +171,7 @@ class Sampler:
         # of steps: `sync_stop(local_done) -> bool` makes "all sequences finished" global (Dist.all_true).
         self.sync_stop = None
         self._warned_cut = False
+        self._said_no_eos = False
 
     @classmethod
     def from_config(cls, tokenizer, cfg) -> Sampler:
@@ -190,11 +194,21 @@ class Sampler:
         gen = getattr(model, "generation_config", None)
         extra = getattr(gen, "eos_token_id", None) if gen is not None else None
         ids |= set(extra if isinstance(extra, list) else [extra])
-        return sorted(i for i in ids if i is not None)
+        ids = sorted(i for i in ids if i is not None)
+        if not ids and not self._said_no_eos:
+            self._said_no_eos = True
+            warnings.warn("neither the tokenizer nor the model's generation_config has an EOS token: every "
+                          "completion runs to max_new_tokens", stacklevel=3)  # fmt: skip
+        return ids
 
     def encode(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids [P, Lp] and mask, BOS added once; a prompt longer than
-        `max_prompt_length` keeps its last tokens, and its BOS (also one its chat template wrote)."""
+        `max_prompt_length` keeps its last tokens, and its BOS (also one its chat template wrote).
+
+        The padding repeats the row's first id, not the pad id. It is masked out of attention either
+        way, but a pad id whose embedding row is zero (as `padding_idx` leaves it) can run through the
+        layers as exact zeros, where a norm's derivative is infinite: Gemma 3n's gradients were NaN
+        with left-padded prompts (0 * inf), and with a real token there they are finite."""
         bos = self.tok.bos_token
         written = [bool(bos) and p.startswith(bos) for p in prompts]  # by a chat template: not twice
         rows = [None] * len(prompts)
@@ -215,6 +229,7 @@ class Sampler:
         for i, r in enumerate(rows):
             if r:
                 ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r), 1
+                ids[i, : width - len(r)] = r[0]
         return ids.to(device), mask.to(device)
 
     @torch.no_grad()

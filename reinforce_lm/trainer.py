@@ -241,10 +241,17 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
                             gn = _grad_norm(module)
                         norms["grad_norm" if name == "policy" else f"grad_norm_{name}"] = as_float(gn)
                     if bad := [f"{k} {v}" for k, v in norms.items() if not math.isfinite(v)]:
+                        finite_loss = math.isfinite(sums.get("loss", math.nan))
                         raise TrainingError(  # stepping would make every weight NaN
                             f"step {step}: {', '.join(bad)}; this update was not applied"
                             + ("" if safe["step"] is not None else " (earlier updates of this step were)")
-                            + ". Look for non-finite rewards or log-probs, or lower --lr"
+                            + (
+                                f". The loss was finite ({sums['loss']:.4g}): the model's backward pass "
+                                "gave the non-finite gradients. Lower --lr, or try float32 if the run is "
+                                "in bf16/fp16"
+                                if finite_loss
+                                else ". Look for non-finite rewards or log-probs, or lower --lr"
+                            )
                         )
                     for (key, v), opt in zip(norms.items(), optimizers, strict=True):
                         sums[key] = sums.get(key, 0.0) + v

@@ -538,6 +538,12 @@ def _arch_config(name: str, V: int):
             **small, num_key_value_heads=2, num_experts=2, attn_layer_period=2, attn_layer_offset=1,
             expert_layer_period=2, mamba_d_state=4, use_mamba_kernels=False,
         ),
+        "gemma3n": lambda: T.Gemma3nTextConfig(  # its pad token's embedding row is zero (padding_idx)
+            **small, num_key_value_heads=2, head_dim=8, sliding_window=4, num_kv_shared_layers=0,
+            layer_types=["sliding_attention", "full_attention"], laurel_rank=4, altup_num_inputs=2,
+            activation_sparsity_pattern=[0.0, 0.0], hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=V,
+        ),
     }[name]()  # fmt: skip
 
 
@@ -569,6 +575,18 @@ def test_chunked_head_on_other_architectures(monkeypatch, arch):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_gradient_checkpointing_on_a_model_without_support_is_a_config_error():
+    import transformers as T
+
+    config = T.JetMoeConfig(
+        vocab_size=40, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
+        intermediate_size=64, num_local_experts=2, num_experts_per_tok=1,
+    )  # fmt: skip
+    model = T.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ConfigError, match="--gradient-checkpointing: JetMoeForCausalLM does not support it"):
+        models.enable_activation_checkpointing(model)
+
+
 def test_disable_dropout_reaches_float_probabilities_in_modules():
     """OPT keeps its dropout (0.1 by default) as float attributes of its layers and calls F.dropout with
     them: after disable_dropout, a train-mode forward is the eval-mode forward (the sampler's policy)."""
@@ -591,7 +609,8 @@ def test_disable_dropout_reaches_float_probabilities_in_modules():
 @pytest.mark.parametrize(
     "arch",
     ["phi", "opt_proj", "gpt_neox", "bloom", "mixtral", "gemma", "gemma2_softcap"]
-    + ["falcon", "gptj", "phi3", "gpt_bigcode", "granite", "qwen3_moe", "jamba", "falcon_h1", "qwen3_next"],
+    + ["falcon", "gptj", "phi3", "gpt_bigcode", "granite", "qwen3_moe", "jamba", "falcon_h1", "qwen3_next"]
+    + ["gemma3n"],
 )
 def test_the_sampler_and_the_update_score_the_same_tokens_alike(arch, tokenizer):
     """What the sampler records for each token (its log-prob under the policy, left-padded prompts of
@@ -609,6 +628,32 @@ def test_the_sampler_and_the_update_score_the_same_tokens_alike(arch, tokenizer)
     r = Sampler(tokenizer, max_new_tokens=7).sample(model, prompts, g, 2, row_seeds(0, 0, g, 2))
     got = logprobs.token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
     torch.testing.assert_close(got * r.response_mask, r.logp, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_prompts_give_finite_gradients_with_a_zero_pad_embedding(tokenizer):
+    """Gemma 3n's pad row is zero: pad ids left of a prompt ran through its layers as exact zeros and
+    made every gradient NaN (0 * inf). The sampler pads with each row's first id instead (masked out
+    all the same), and the log-probs equal those of each prompt sampled alone."""
+    from transformers import AutoModelForCausalLM
+
+    from reinforce_lm.rollout import Sampler, row_seeds
+
+    config = _arch_config("gemma3n", len(tokenizer))
+    config.update(dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    torch.manual_seed(0)
+    model = models.disable_dropout(AutoModelForCausalLM.from_config(config)).train()
+    assert not model.get_input_embeddings().weight[tokenizer.pad_token_id].any()
+    prompts, g = ["a?", "bcd+1=", "0123456789?"], torch.arange(3)
+    r = Sampler(tokenizer, max_new_tokens=5).sample(model, prompts, g, 1, row_seeds(0, 0, g, 1))
+    assert (r.attention_mask == 0).any()  # left padding
+    got = logprobs.token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
+    (got * r.response_mask).sum().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    alone = Sampler(tokenizer, max_new_tokens=5).sample(
+        model, prompts[:1], g[:1], 1, row_seeds(0, 0, g[:1], 1)
+    )
+    n = alone.response_ids.shape[1]
+    torch.testing.assert_close(r.logp[0, :n], alone.logp[0], atol=1e-5, rtol=1e-5)
 
 
 _TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)

@@ -217,3 +217,21 @@ def test_a_bos_written_by_a_template_is_not_doubled_beside_plain_prompts():
         alone, _ = sampler.encode([text], "cpu")
         assert both[i][mask[i].bool()].tolist() == alone[0].tolist()
         assert alone[0].tolist().count(bos_id) == 1
+
+
+def test_a_tokenizer_and_model_without_eos_are_warned_about_once(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = None
+    model = toy.make_model("llama", tokenizer).eval()
+    model.generation_config.eos_token_id = None
+    sampler = Sampler(tok, max_new_tokens=4)
+    with pytest.warns(UserWarning, match="no EOS token|has an EOS token"):
+        r = sampler.sample(model, ["ab", "c"], torch.arange(2), 1)
+    assert r.response_mask.sum(1).tolist() == [4, 4]  # every completion runs to max_new_tokens
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampler.sample(model, ["ab"], torch.arange(1), 1)  # once

@@ -166,3 +166,15 @@ def test_a_token_past_the_embedding_is_a_data_error(tmp_path):
     dot = tok.convert_tokens_to_ids(".")  # one of the last 3
     with pytest.raises(DataError, match=rf"d.jsonl:4 has token id {dot}, but the model"):  # the file's line
         run_sft(cfg)
+
+
+def test_a_tokenizer_without_eos_is_warned_about(tmp_path, llama_dir):
+    import copy
+
+    tok = copy.deepcopy(load_tokenizer(str(llama_dir)))
+    tok.eos_token = None
+    rows = [{"prompt": "a?", "completion": "bb"}]
+    cfg = SFTConfig(model=str(llama_dir), data=write_jsonl(tmp_path / "d.jsonl", rows), eval_fraction=0.0)
+    train, _ = load_sft_splits(cfg, tok)
+    with pytest.warns(UserWarning, match="no EOS token"):
+        SFTStage(cfg, load_causal_lm(str(llama_dir)), tok, train, [], Dist())

@@ -228,6 +228,23 @@ def test_a_non_finite_gradient_stops_the_run_before_it_reaches_the_weights(task,
         run_train(config(task, tmp_path / "b", steps=1, reward=[too_large]))
 
 
+def test_a_non_finite_gradient_of_a_finite_loss_is_said_to_come_from_the_backward_pass(
+    task, tmp_path, monkeypatch
+):
+    """With a finite loss, rewards and log-probs are not the cause: the error says where to look."""
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def nan_norm(params, max_norm):
+        clip(params, max_norm)
+        return torch.tensor(float("nan"))
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_norm)
+    with pytest.raises(
+        TrainingError, match=r"grad_norm nan.*The loss was finite \(.*\): the model's backward"
+    ):
+        run_train(config(task, tmp_path, steps=1))
+
+
 def test_an_error_after_the_first_optimiser_step_of_a_step_saves_nothing(task, tmp_path, monkeypatch):
     """Mid-step (here: between two minibatch updates of step 3) the weights are neither step 2's nor
     step 3's: nothing is saved under either name."""
