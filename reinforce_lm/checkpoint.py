@@ -68,7 +68,7 @@ def _open_up(tmp: Path) -> None:
         pass
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would survive the rename
     with os.fdopen(fd, "w") as f:
@@ -129,7 +129,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(out / "latest", final.name)
+    write_text_atomic(out / "latest", final.name)
     # Only complete checkpoints count, and the one just written always stays (even when an older run
     # left a higher step number behind), so an incomplete leftover can never cost a complete one.
     others = [p for p in list_checkpoints(out) if p != final]

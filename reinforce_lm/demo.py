@@ -46,11 +46,16 @@ def run_demo(output_dir: str | None = None, steps: int | None = None, seed: int 
     start = time.perf_counter()
     torch.set_num_threads(1)  # tiny models: one thread beats two (and leaves a core for the tokenizer)
     root = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="reinforce-lm-demo-"))
-    root.mkdir(parents=True, exist_ok=True)
     steps = 100 if steps is None else steps
     if steps < 1:
         raise ConfigError(f"demo steps must be > 0, got {steps}")
     settings, stamp = {"steps": steps, "seed": seed}, root / "demo.json"
+    if root.is_file() or (root.is_dir() and any(root.iterdir()) and not stamp.is_file()):
+        raise ConfigError(  # it writes prompts.jsonl, sft.jsonl, base/, sft/ ...: never over a user's own
+            f"--output-dir {root}: not empty and not a demo's directory (no demo.json); the demo writes "
+            "its data files and runs there: pass a new or empty directory"
+        )
+    root.mkdir(parents=True, exist_ok=True)
     if stamp.is_file() and json.loads(stamp.read_text()) != settings:  # its runs resume, not restart
         raise ConfigError(
             f"{root} holds a demo with {json.loads(stamp.read_text())}, not {settings}; "

@@ -225,10 +225,12 @@ class RewardSet:
             params = inspect.signature(fn).parameters.values()
         except (TypeError, ValueError):  # some builtins and C callables have no signature
             return None
+        required = {
+            p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        }
         if any(p.kind is p.VAR_KEYWORD for p in params):
-            return None
+            return None, required  # takes every column; still needs its own named ones
         named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        required = {p.name for p in params if p.default is p.empty and p.kind is not p.VAR_POSITIONAL}
         return named, required
 
     @property
@@ -248,7 +250,9 @@ class RewardSet:
     @staticmethod
     def _kwargs(params, everything: dict) -> dict:
         """Everything for a function with **kwargs, else only the keywords it names."""
-        return everything if params is None else {k: v for k, v in everything.items() if k in params[0]}
+        if params is None or params[0] is None:
+            return everything
+        return {k: v for k, v in everything.items() if k in params[0]}
 
     def __call__(self, prompts, completions, completion_ids=None, columns=None, sources=None):
         """Score B completions: (weighted sum [B] float32, {name: raw scores [B] float32}).

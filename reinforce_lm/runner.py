@@ -151,8 +151,27 @@ def fit_to_context(cfg, key: str, paths: str | list[str], d, reserve: int = 0):
 _KIND = ("command", "algorithm", "lora_r", "model", "ref_model", "lr", "critic_lr")
 
 
+_PATHS = ("model", "ref_model")
+
+
+def _resolved(options: dict) -> dict:
+    """Model options that name a local directory, as absolute paths: `../m`, `m/` and `/abs/m` are one
+    model, wherever the run is started or resumed from. Hub ids stay as given."""
+    out = {}
+    for k in _PATHS:
+        v = options.get(k)
+        if v and Path(str(v)).expanduser().exists():
+            v = str(Path(str(v)).expanduser().resolve())
+        out[k] = v
+    return out
+
+
 def _kind(options: dict) -> dict:
-    return {k: options.get(k) or None for k in _KIND}
+    kind = {k: options.get(k) or None for k in _KIND}
+    kind.update({k: v or None for k, v in (options.get("resolved") or _resolved(options)).items()})
+    if kind["command"]:
+        kind["command"] = str(kind["command"]).removesuffix("Config").lower()  # TrainConfig: train
+    return kind
 
 
 def check_same_kind(cfg, out: Path) -> None:
@@ -160,7 +179,15 @@ def check_same_kind(cfg, out: Path) -> None:
     saved_file = out / "run_config.json"
     if not saved_file.is_file():
         return
-    saved = json.loads(saved_file.read_text())
+    try:
+        saved = json.loads(saved_file.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"--resume: {saved_file} is unreadable ({err}); it records the options the run was started "
+            "with, for this check: restore it, or delete it to resume without the check"
+        ) from None
     now = _kind({**vars(cfg), "command": type(cfg).__name__})
     was = _kind(saved)
     diff = [f"{k}: {was[k]} there, {now[k]} now" for k in _KIND if k in saved and was[k] != now[k]]
@@ -259,8 +286,10 @@ def write_run_config(cfg, d) -> None:
     model directory, so that `--model OUT` resolves to its latest checkpoint)."""
     if d.is_main:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        text = json.dumps({**vars(cfg), "command": type(cfg).__name__}, indent=2, default=str)
-        (Path(cfg.output_dir) / "run_config.json").write_text(text)
+        options = {**vars(cfg), "command": type(cfg).__name__, "resolved": _resolved(vars(cfg))}
+        checkpoint.write_text_atomic(
+            Path(cfg.output_dir) / "run_config.json", json.dumps(options, indent=2, default=str)
+        )
 
 
 def log_initial_eval(stage, cfg, d) -> dict[str, float]:

@@ -132,6 +132,19 @@ def test_signature_filtering():
     with pytest.raises(RewardError, match=r"reward 'needs' requires \['answer'\]"):
         RewardSet([("needs", needs, 1.0)]).check(["letter"])
 
+    def needs_and_takes_all(prompts, completions, answer, **kwargs):  # the README's signature
+        assert kwargs.keys() == {"completion_ids", "letter"}
+        return [0.0] * len(prompts)
+
+    with pytest.raises(RewardError, match=r"reward 'all' requires \['answer'\]"):
+        RewardSet([("all", needs_and_takes_all, 1.0)]).check(["letter"])
+    RewardSet([("all", needs_and_takes_all, 1.0)]).check(["letter", "answer"])
+    cols = {"letter": ["a", "b", "c"], "answer": [1, 2, 3]}
+    assert (
+        RewardSet([("all", needs_and_takes_all, 1.0)])(PROMPTS, COMPLETIONS, columns=cols)[0].tolist()
+        == [0] * 3
+    )
+
 
 def test_letter_reward_through_the_set():
     total, _ = RewardSet([("letter", toy.letter_reward, 1.0)])(

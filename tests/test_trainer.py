@@ -336,6 +336,27 @@ def test_resume_checks_the_run_and_stops_when_it_is_done(task, tmp_path, capsys)
             run_train(config(task, tmp_path, steps=3, resume=True, **kw))
 
 
+def test_resume_knows_a_model_directory_however_it_is_written(task, tmp_path, monkeypatch):
+    """A job requeued from another working directory, or with the path spelled otherwise, resumes."""
+    monkeypatch.chdir(task)
+    run_train(config(task, tmp_path / "run", steps=1, model="model", prompts="prompts.jsonl"))
+    monkeypatch.chdir(tmp_path)
+    assert run_train(config(task, tmp_path / "run", steps=2, model=f"{task}/model/", resume=True)) == 0
+    assert (tmp_path / "run" / "checkpoint-2").is_dir()
+
+
+def test_an_unreadable_run_config_or_another_command_is_named_on_resume(task, tmp_path):
+    run_train(config(task, tmp_path, steps=1))
+    saved = tmp_path / "run_config.json"
+    text = saved.read_text()
+    saved.write_text(text.replace('"command": "TrainConfig"', '"command": "SFTConfig"'))
+    with pytest.raises(ConfigError, match="command: sft there, train now"):
+        run_train(config(task, tmp_path, steps=2, resume=True))
+    saved.write_text(text[: len(text) // 2])  # cut short
+    with pytest.raises(ConfigError, match="run_config.json is unreadable .*delete it to resume"):
+        run_train(config(task, tmp_path, steps=2, resume=True))
+
+
 def test_a_trainer_state_that_does_not_fit_is_a_checkpoint_error(task, tmp_path):
     """Without run_config.json to compare, the state itself tells (here: one that `sft` saved, with no
     baseline state), as a CheckpointError instead of a KeyError."""
@@ -644,6 +665,15 @@ def test_a_single_reward_or_a_callable_from_python(task, tmp_path, capsys):
     assert cfg.reward == [REWARD]
     assert run_train(config(task, tmp_path / "b", reward=[toy.letter_reward], steps=1)) == 0
     assert "rewards: letter_reward" in capsys.readouterr().out
+
+
+def test_the_demo_refuses_a_directory_with_other_files(tmp_path, capsys):
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "MINE"}\n')
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--output-dir", str(tmp_path), "--steps", "1"])
+    assert "not empty and not a demo's directory" in capsys.readouterr().err
+    assert (tmp_path / "prompts.jsonl").read_text() == '{"prompt": "MINE"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
 
 
 def test_demo_runs(tmp_path, capsys):
