@@ -155,7 +155,21 @@ def load_causal_lm(path: str, dtype: str = "float32", device: torch.device | str
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=DTYPES[dtype])
     except load_errors() as e:
         raise ConfigError(f"cannot load a causal LM from {resolved!r}: {e}") from None
+    saved = saved_architectures(model.config)
+    if saved and all(a.endswith(NOT_LM_HEADS) for a in saved):  # the LM head would be random, silently
+        raise ConfigError(
+            f"{resolved} is a {saved[0]} (a reward model, from `reinforce-lm reward`?), not a causal LM: "
+            "its LM head would start random; pass a causal LM"
+        )
     return model.to(device)
+
+
+NOT_LM_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+
+
+def saved_architectures(config) -> list[str]:
+    """The model classes a checkpoint was saved as (config.json's `architectures`), [] where unsaid."""
+    return [str(a) for a in (getattr(config, "architectures", None) or [])]
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -107,7 +107,7 @@ class RewardModel:
     ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from reinforce_lm.models import positions, resolve_model_path
+        from reinforce_lm.models import positions, resolve_model_path, saved_architectures
 
         self.name = f"reward_model:{Path(str(path)).name}"
         try:
@@ -119,6 +119,12 @@ class RewardModel:
             )
         except Exception as err:
             raise RewardError(f"reward model {path}: cannot load: {type(err).__name__}: {err}") from err
+        saved = saved_architectures(self.model.config)
+        if saved and all("CausalLM" in a or "LMHead" in a for a in saved):  # its score head: random
+            raise RewardError(
+                f"reward model {path}: is a causal LM ({saved[0]}), not a reward model; train one on "
+                "preference pairs with `reinforce-lm reward`, or pass this one as --model"
+            )
         if self.model.config.num_labels != 1:
             raise RewardError(
                 f"reward model {path}: has num_labels={self.model.config.num_labels}; a reward model "

@@ -336,6 +336,17 @@ def test_reward_model_errors(tmp_path):
         RewardModel(save_reward_model(tmp_path / "two", num_labels=2))
     with pytest.raises(RewardError, match=r"reward model .*nowhere: cannot load"):
         RewardModel(tmp_path / "nowhere")
+    toy.save_tiny_model(tmp_path / "policy", arch="llama")  # an SFT model where a reward model goes
+    with pytest.raises(RewardError, match=r"is a causal LM \(LlamaForCausalLM\), not a reward model"):
+        RewardModel(tmp_path / "policy")
+
+
+def test_a_reward_model_is_refused_as_the_policy(reward_model_dir):
+    from reinforce_lm.errors import ConfigError
+    from reinforce_lm.models import load_causal_lm
+
+    with pytest.raises(ConfigError, match=r"is a LlamaForSequenceClassification .*not a causal LM"):
+        load_causal_lm(str(reward_model_dir))
 
 
 def test_build_rewards(tmp_path, reward_model_dir):
