@@ -135,6 +135,11 @@ def save_checkpoint(
     others = [p for p in list_checkpoints(out) if p != final]
     for old in others[: max(len(others) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
+    # A save killed outright (SIGKILL, a lost node) leaves its temporary directory: one process saves at
+    # a time, so any other is such a leftover, a model and optimiser state in size.
+    for stale in out.glob(".tmp-checkpoint-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

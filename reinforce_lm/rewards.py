@@ -52,7 +52,7 @@ def load_reward_function(spec: str) -> Callable:
             ) from err
     else:
         try:
-            module = importlib.import_module(target)
+            module = _import_here_too(target)
         except Exception as err:
             raise RewardError(
                 f"reward {spec!r}: importing {target} failed: {type(err).__name__}: {err}"
@@ -71,6 +71,21 @@ def load_reward_function(spec: str) -> Callable:
     if not callable(fn):
         raise RewardError(f"reward {spec!r}: {attr!r} is a {type(fn).__name__}, not a function")
     return fn
+
+
+def _import_here_too(target: str):
+    """Import `package.module`, also from the working directory: `python -m reinforce_lm` finds a
+    `my_rewards.py` there, and the `reinforce-lm` script must too (its sys.path lacks the working
+    directory). Appended, so that it never shadows an installed package."""
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as err:
+        top, here = target.split(".")[0], str(Path.cwd())
+        beside = Path(f"{top}.py").is_file() or Path(top, "__init__.py").is_file()
+        if err.name != top or not beside or here in sys.path:
+            raise
+        sys.path.append(here)
+        return importlib.import_module(target)
 
 
 def _exec_beside(module_spec, module, folder: str) -> None:

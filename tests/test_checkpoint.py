@@ -43,6 +43,15 @@ def test_rotation_counts_and_deletes_only_complete_checkpoints(tmp_path, model_a
     assert checkpoint.latest_checkpoint(tmp_path).name == "checkpoint-3"
 
 
+def test_a_killed_saves_temporary_directory_goes_with_the_next_save(tmp_path, model_and_tokenizer):
+    stale = tmp_path / ".tmp-checkpoint-4-xusso7wf"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    save(tmp_path, 5, model_and_tokenizer)
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5", "latest"]
+
+
 def test_the_checkpoint_just_written_is_never_rotated_away(tmp_path, model_and_tokenizer):
     """A complete checkpoint with a higher step (an older run in the same directory) does not push out
     the one just saved, even with keep=1."""

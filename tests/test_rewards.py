@@ -85,6 +85,21 @@ def test_load_errors(tmp_path):
             load_reward_function(spec)
 
 
+def test_a_module_in_the_working_directory_loads_without_python_m(tmp_path, monkeypatch):
+    """`--reward my_rewards_cwd:score` works from the `reinforce-lm` script (no working directory on
+    sys.path) as under `python -m reinforce_lm`; appended to sys.path, not ahead of packages."""
+    write_reward_file(
+        tmp_path, "def score(prompts, completions):\n    return [1.0]\n", name="my_rewards_cwd.py"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    try:
+        fn = load_reward_function("my_rewards_cwd:score")
+        assert fn([], []) == [1.0] and sys.path[-1] == str(tmp_path)
+    finally:
+        sys.modules.pop("my_rewards_cwd", None)
+
+
 def test_trl_convention_columns_aligned_and_weighted_sum():
     seen = {}
 
