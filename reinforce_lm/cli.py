@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    _quiet_transformers()
     try:
+        _quiet_transformers()  # imports transformers: a Ctrl-C may land here too
         if args.command == "demo":
             from reinforce_lm.demo import run_demo
 

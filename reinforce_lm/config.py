@@ -43,6 +43,9 @@ def _choice(cfg, name: str, choices) -> None:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}{hint}")
 
 
+_MAY_BE_INF = ("max_grad_norm", "reward_clip")  # inf: no clipping, as 0 is
+
+
 def _positive(cfg, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(cfg, name)
@@ -50,6 +53,16 @@ def _positive(cfg, *names: str, allow_zero: bool = False) -> None:
             continue
         if not (value > 0 or (allow_zero and value == 0)):  # also refuses NaN
             raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        if value == float("inf") and name not in _MAY_BE_INF:  # lr=inf made every weight NaN
+            raise ConfigError(f"{name} must be finite, got {value!r}")
+
+
+def _fraction(cfg, *names: str) -> None:
+    """Probabilities and decays: in [0, 1)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not 0 <= value < 1:
+            raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
 
 
 def _types(cfg) -> None:
@@ -145,7 +158,8 @@ class EngineConfig:
         _choice(self, "lr_schedule", ("constant", "linear", "cosine"))
         _choice(self, "dtype", ("float32", "bfloat16", "float16"))
         _choice(self, "mixed_precision", ("no", "bf16"))
-        _positive(self, "lora_r", "lora_dropout", allow_zero=True)
+        _positive(self, "lora_r", allow_zero=True)
+        _fraction(self, "lora_dropout")
         _positive(self, "lora_alpha")
         _device(self)
         if self.lora_r and self.fsdp:
@@ -239,8 +253,11 @@ class TrainConfig(EngineConfig):
             "critic_lr",
             "eval_every",
             "generation_batch_size",
+            "vf_coef",
+            "value_clip_eps",
             allow_zero=True,
         )
+        _fraction(self, "running_mean_decay")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
@@ -293,12 +310,31 @@ def _coerce(cls, f: dataclasses.Field, value: Any, where: str) -> Any:
             if value is None:  # `reward:` left empty in a YAML file
                 return []
             items = value if isinstance(value, list | tuple) else [value]
-            return [float(v) if f.name == "reward_weights" else str(v) for v in items]
+            if f.name == "reward_weights":
+                return [float(v) for v in items]
+            return [_home(str(v)) for v in items]
+        if t is str:
+            if value is None:  # `model:` left empty in a YAML file: the default (model: required)
+                if isinstance(f.default, str):
+                    return f.default
+                raise ValueError(value)
+            if f.name == "lora_target_modules" and isinstance(value, list | tuple):  # [q_proj, v_proj]
+                value = ",".join(map(str, value))
+            if isinstance(value, list | tuple | dict):
+                raise ValueError(value)
+            return _home(str(value))
         if t is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         return t(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {f.name} expects {t.__name__}, got {value!r}") from None
+        want = "numbers" if f.name == "reward_weights" else t.__name__
+        raise ConfigError(f"{where}: {f.name} expects {want}, got {value!r}") from None
+
+
+def _home(value: str) -> str:
+    """`~/x` (and `~/x.py:func`) as the shell would expand it: YAML values and `--flag=~/x` reach us
+    unexpanded."""
+    return str(Path(value).expanduser()) if value.startswith("~/") or value == "~" else value
 
 
 def build_config(cls, values: dict[str, Any], where: str = "config"):

@@ -6,6 +6,7 @@ points (`from reinforce_lm.runner import run_train`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,7 +18,7 @@ import torch
 
 from reinforce_lm import checkpoint, distributed
 from reinforce_lm.data import load_prompts
-from reinforce_lm.errors import ConfigError, DataError, RewardError
+from reinforce_lm.errors import ConfigError, DataError, ReinforceLMError, RewardError
 from reinforce_lm.metrics import MetricsLogger
 from reinforce_lm.models import (
     RefViaDisabledAdapter,
@@ -310,6 +311,7 @@ def run_stage(cfg, build, use_as: str = "--model") -> int:
     d = distributed.setup(cfg.device)
     try:
         seed_everything(cfg.seed)
+        fresh = not Path(cfg.output_dir).exists()
         resume = prepare_output(cfg)
         done = checkpoint.step_of(resume) if resume is not None else 0
         if done >= cfg.steps:  # nothing to train; run_config.json keeps describing the model there
@@ -317,7 +319,13 @@ def run_stage(cfg, build, use_as: str = "--model") -> int:
                 print(f"{cfg.output_dir} is already at step {done} (--steps {cfg.steps}): nothing to do; "
                       f"the model is {resume}")  # fmt: skip
             return 0
-        stage = build(cfg, d, resume)
+        try:
+            stage = build(cfg, d, resume)
+        except ReinforceLMError:  # bad data, options or models: leave no empty --output-dir behind
+            if fresh and d.is_main:
+                with contextlib.suppress(OSError):  # not empty (another process wrote there): keep it
+                    Path(cfg.output_dir).rmdir()
+            raise
         cfg = getattr(stage, "cfg", cfg)  # a stage may settle defaults that depend on its data
         write_run_config(cfg, d)
         if d.is_main and cfg.warmup_steps >= cfg.steps and resume is None:

@@ -98,30 +98,37 @@ def split(batch: Batch, index: torch.Tensor, parts: int) -> list[Batch]:
 
 
 class GracefulInterrupt:
-    """First Ctrl-C asks the loop to stop after the current step (and checkpoint); the second is immediate.
-    An exception (not a second Ctrl-C) calls `on_error(exception)` on its way out, to save what can be."""
+    """First Ctrl-C (or SIGTERM, what SLURM and Kubernetes send before they kill a job) asks the loop to
+    stop after the current step and checkpoint; a second signal is immediate. An exception (not a second
+    signal) calls `on_error(exception)` on its way out, to save what can be."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, on_error=None):
         self.requested = False
         self.on_error = on_error
+        self.previous: dict = {}
 
     def __enter__(self):
-        self.previous = signal.getsignal(signal.SIGINT)
-        try:
-            signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            self.previous = None
+        for sig in self.SIGNALS:
+            try:
+                self.previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                self.previous.pop(sig, None)
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: finishing this step and writing a checkpoint (Ctrl-C again to abort)", flush=True)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: finishing this step and writing a checkpoint ({name} again to abort)", flush=True)
 
     def __exit__(self, exc_type, exc, tb):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, previous in self.previous.items():
+            if previous is not None:  # None: set from C, not restorable
+                signal.signal(sig, previous)
         if exc_type is not None and issubclass(exc_type, Exception) and self.on_error is not None:
             try:
                 self.on_error(exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from reinforce_lm import checkpoint, cli, distributed, toy
 from reinforce_lm.config import TrainConfig
-from reinforce_lm.errors import ConfigError, RewardError, TrainingError
+from reinforce_lm.errors import ConfigError, DataError, RewardError, TrainingError
 from reinforce_lm.files import write_jsonl
 from reinforce_lm.metrics import read_metrics
 from reinforce_lm.models import resolve_model_path
@@ -345,6 +346,17 @@ def test_resume_knows_a_model_directory_however_it_is_written(task, tmp_path, mo
     assert (tmp_path / "run" / "checkpoint-2").is_dir()
 
 
+def test_a_run_refused_before_training_leaves_no_empty_output_dir(task, tmp_path):
+    write_jsonl(tmp_path / "empty_prompt.jsonl", [{"prompt": ""}])
+    with pytest.raises(DataError):
+        run_train(config(task, tmp_path / "new", prompts=str(tmp_path / "empty_prompt.jsonl")))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()  # a directory that was there before stays
+    with pytest.raises(DataError):
+        run_train(config(task, tmp_path / "mine", prompts=str(tmp_path / "empty_prompt.jsonl")))
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_an_unreadable_run_config_or_another_command_is_named_on_resume(task, tmp_path):
     run_train(config(task, tmp_path, steps=1))
     saved = tmp_path / "run_config.json"
@@ -489,7 +501,9 @@ def test_crash_inside_checkpoint_write_keeps_previous(task, tmp_path, monkeypatc
     assert checkpoint.load_state(tmp_path / "checkpoint-1")["x"] == 1
 
 
-def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(task, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_writes_a_checkpoint_and_exits_cleanly(task, tmp_path, sig):
+    """SIGTERM is what a scheduler sends before it kills a preempted job: the same as Ctrl-C."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "reinforce_lm", "train", "--model", str(task / "model")]
     cmd += ["--prompts", str(task / "prompts.jsonl"), "--reward", REWARD, "--steps", "100000"]
@@ -499,7 +513,7 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(task, tmp_path):
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
         time.sleep(0.2)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
@@ -599,6 +613,32 @@ def test_an_empty_yaml_reward_says_no_reward(task, tmp_path, capsys):
     assert "no reward: pass --reward" in capsys.readouterr().err
 
 
+def test_yaml_values_the_shell_would_have_expanded_or_left_empty(task, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(task))
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(
+        "model: ~/model\nprompts: ~/prompts.jsonl\noutput_dir: ~/out\nreward: [~/r.py:f]\n"
+        "lora_target_modules: [q_proj, v_proj]\n"
+    )
+    parsed = cli.build_parser().parse_args(["train", "--config", str(yaml_file)])
+    cfg = cli.parse_config(TrainConfig, parsed)
+    assert (cfg.model, cfg.prompts, cfg.output_dir) == (
+        f"{task}/model",
+        f"{task}/prompts.jsonl",
+        f"{task}/out",
+    )
+    assert cfg.reward == [f"{task}/r.py:f"] and cfg.lora_target_modules == "q_proj,v_proj"
+    for text, message in [
+        ("model:\n", "model is required"),  # not the hub repo 'None'
+        ("model: [a, b]\n", r"model expects str, got \['a', 'b'\]"),
+        ("model: m\nreward_weights: [a]\n", r"reward_weights expects numbers, got \['a'\]"),
+    ]:
+        yaml_file.write_text(text)
+        with pytest.raises(SystemExit):
+            cli.main(["train", "--config", str(yaml_file)])
+        assert re.search(message, capsys.readouterr().err)
+
+
 def test_yaml_config_with_flag_override(task, tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(
@@ -629,6 +669,11 @@ def test_bad_values_are_rejected(task):
         (dict(steps="10"), "steps expects int, got '10'"),
         (dict(lr="1e-5"), "lr expects float, got '1e-5'"),
         (dict(progress="no"), "progress expects bool"),
+        (dict(lr=float("inf")), "lr must be finite, got inf"),
+        (dict(running_mean_decay=5.0), r"running_mean_decay must be in \[0, 1\), got 5.0"),
+        (dict(vf_coef=-1.0), "vf_coef must be >= 0"),
+        (dict(value_clip_eps=-1.0), "value_clip_eps must be >= 0"),
+        (dict(lora_r=2, lora_dropout=1.5), r"lora_dropout must be in \[0, 1\)"),
     ],
 )
 def test_bad_options_name_the_option(task, kw, message):

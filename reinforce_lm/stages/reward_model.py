@@ -32,6 +32,12 @@ class RewardConfig(EngineConfig):
     # Inherited options this command refuses: kept out of `reward --help` (still parsed, to say so).
     hidden_flags: ClassVar[tuple[str, ...]] = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
+    model: str = _f(
+        "",
+        "Model the reward model starts from (its body; the one-output score head is new): a local "
+        "Hugging Face directory or a hub id.",
+        required=True,
+    )
     data: str = _f(
         "",
         "Preference file: `prompt`/`chosen`/`rejected` text (or chosen/rejected message lists), optional "
