@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -135,12 +136,23 @@ def save_checkpoint(
     others = [p for p in list_checkpoints(out) if p != final]
     for old in others[: max(len(others) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
-    # A save killed outright (SIGKILL, a lost node) leaves its temporary directory: one process saves at
-    # a time, so any other is such a leftover, a model and optimiser state in size.
+    # A save killed outright (SIGKILL, a lost node) leaves its temporary directory, a model and optimiser
+    # state in size. One process saves at a time; an hour without a write tells a leftover from the save
+    # of a process that is still finishing (a preempted pod while its replacement resumes).
     for stale in out.glob(".tmp-checkpoint-*"):
-        if stale.is_dir():
+        if stale.is_dir() and time.time() - _last_write(stale) > STALE_SECONDS:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+STALE_SECONDS = 3600
+
+
+def _last_write(path: Path) -> float:
+    try:
+        return max(p.stat().st_mtime for p in [path, *path.rglob("*")])
+    except OSError:  # removed meanwhile
+        return time.time()
 
 
 def step_of(path: str | Path) -> int:

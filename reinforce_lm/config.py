@@ -43,7 +43,7 @@ def _choice(cfg, name: str, choices) -> None:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}{hint}")
 
 
-_MAY_BE_INF = ("max_grad_norm", "reward_clip")  # inf: no clipping, as 0 is
+_MAY_BE_INF = ("max_grad_norm", "reward_clip", "clip_eps", "value_clip_eps")  # inf: no clipping
 
 
 def _positive(cfg, *names: str, allow_zero: bool = False) -> None:

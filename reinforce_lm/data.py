@@ -194,13 +194,14 @@ def load_sft(path, tokenizer, max_length: int, truncate: bool = True) -> list[di
     A row longer than `max_length` is cut from the right when `truncate`, else skipped; a row whose
     prompt alone fills `max_length` is always skipped. Both are reported in one warning each."""
     rows = read_rows(path)
-    examples, cut, skipped = [], [], []
+    examples, cut, skipped, text = [], [], [], 0
     for i, row in enumerate(rows):
         where = rows.locate(i)
         if row.get("messages") is not None:
             ids, labels = _messages_sft(tokenizer, where, _check_messages(where, "messages", row["messages"]))
         else:
             ids, labels = _text_sft(tokenizer, where, row)
+            text += 1
         if len(ids) > max_length:
             first = next(j for j, t in enumerate(labels) if t != IGNORE_INDEX)
             if not truncate or first >= max_length:
@@ -209,6 +210,12 @@ def load_sft(path, tokenizer, max_length: int, truncate: bool = True) -> list[di
             ids, labels = ids[:max_length], labels[:max_length]
             cut.append(where)
         examples.append({"input_ids": ids, "labels": labels, "source": where})
+    if text and tokenizer.eos_token_id is None:  # a chat template ends its turns itself
+        warnings.warn(
+            f"{path}: the tokenizer has no EOS token, so its {text} prompt/completion rows end without "
+            "one: the model does not learn where a completion stops",
+            stacklevel=2,
+        )
     _warn(cut, f"longer than max_length={max_length} truncated from the right")
     _warn(
         skipped,

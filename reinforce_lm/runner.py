@@ -169,10 +169,20 @@ def _resolved(options: dict) -> dict:
 
 def _kind(options: dict) -> dict:
     kind = {k: options.get(k) or None for k in _KIND}
-    kind.update({k: v or None for k, v in (options.get("resolved") or _resolved(options)).items()})
     if kind["command"]:
         kind["command"] = str(kind["command"]).removesuffix("Config").lower()  # TrainConfig: train
     return kind
+
+
+def _same(key: str, was: dict, now: dict, saved: dict, cfg) -> bool:
+    """Equal options; a model directory also when written differently (`../m`, `/abs/m`, `m/`, or the
+    same words after the project moved)."""
+    if was[key] == now[key]:
+        return True
+    if key not in _PATHS:
+        return False
+    then = saved.get("resolved") if isinstance(saved.get("resolved"), dict) else _resolved(saved)
+    return bool(then.get(key)) and then.get(key) == _resolved(vars(cfg))[key]
 
 
 def check_same_kind(cfg, out: Path) -> None:
@@ -184,14 +194,18 @@ def check_same_kind(cfg, out: Path) -> None:
         saved = json.loads(saved_file.read_text())
         if not isinstance(saved, dict):
             raise ValueError(f"a JSON {type(saved).__name__}, not an object")
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, OSError) as err:  # UnicodeDecodeError is a ValueError
         raise ConfigError(
             f"--resume: {saved_file} is unreadable ({err}); it records the options the run was started "
             "with, for this check: restore it, or delete it to resume without the check"
         ) from None
     now = _kind({**vars(cfg), "command": type(cfg).__name__})
     was = _kind(saved)
-    diff = [f"{k}: {was[k]} there, {now[k]} now" for k in _KIND if k in saved and was[k] != now[k]]
+    diff = [
+        f"{k}: {was[k]} there, {now[k]} now"
+        for k in _KIND
+        if k in saved and not _same(k, was, now, saved, cfg)
+    ]
     if diff:
         raise ConfigError(
             f"--resume: {out} was started with other options ({'; '.join(diff)}); resume it with the "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import os
 import signal
 import sys
 import time
@@ -110,6 +111,7 @@ class GracefulInterrupt:
         self.previous: dict = {}
 
     def __enter__(self):
+        self.pid = os.getpid()
         for sig in self.SIGNALS:
             try:
                 self.previous[sig] = signal.getsignal(sig)
@@ -119,6 +121,10 @@ class GracefulInterrupt:
         return self
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked child (a reward's worker process): its own default
+            signal.signal(signum, self.previous.get(signum) or signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -248,7 +254,7 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
                             gn = _grad_norm(module)
                         norms["grad_norm" if name == "policy" else f"grad_norm_{name}"] = as_float(gn)
                     if bad := [f"{k} {v}" for k, v in norms.items() if not math.isfinite(v)]:
-                        finite_loss = math.isfinite(sums.get("loss", math.nan))
+                        finite_loss = d.all_true(math.isfinite(sums.get("loss", math.nan)))  # every share
                         raise TrainingError(  # stepping would make every weight NaN
                             f"step {step}: {', '.join(bad)}; this update was not applied"
                             + ("" if safe["step"] is not None else " (earlier updates of this step were)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -44,12 +45,17 @@ def test_rotation_counts_and_deletes_only_complete_checkpoints(tmp_path, model_a
 
 
 def test_a_killed_saves_temporary_directory_goes_with_the_next_save(tmp_path, model_and_tokenizer):
-    stale = tmp_path / ".tmp-checkpoint-4-xusso7wf"
-    stale.mkdir(parents=True)
-    (stale / "model.safetensors").write_bytes(b"half")
+    stale, busy = tmp_path / ".tmp-checkpoint-4-xusso7wf", tmp_path / ".tmp-checkpoint-9-another"
+    for d in (stale, busy):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"half")
+    hours_ago = time.time() - 2 * checkpoint.STALE_SECONDS
+    for p in (stale, stale / "model.safetensors"):
+        os.utime(p, (hours_ago, hours_ago))
     save(tmp_path, 5, model_and_tokenizer)
-    assert not stale.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5", "latest"]
+    assert not stale.exists()  # killed long ago
+    assert busy.is_dir()  # written to just now: maybe another process still saving
+    assert sorted(p.name for p in tmp_path.iterdir()) == [busy.name, "checkpoint-5", "latest"]
 
 
 def test_the_checkpoint_just_written_is_never_rotated_away(tmp_path, model_and_tokenizer):

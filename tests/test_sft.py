@@ -175,6 +175,7 @@ def test_a_tokenizer_without_eos_is_warned_about(tmp_path, llama_dir):
     tok.eos_token = None
     rows = [{"prompt": "a?", "completion": "bb"}]
     cfg = SFTConfig(model=str(llama_dir), data=write_jsonl(tmp_path / "d.jsonl", rows), eval_fraction=0.0)
-    train, _ = load_sft_splits(cfg, tok)
-    with pytest.warns(UserWarning, match="no EOS token"):
-        SFTStage(cfg, load_causal_lm(str(llama_dir)), tok, train, [], Dist())
+    with pytest.warns(
+        UserWarning, match="d.jsonl: the tokenizer has no EOS token, so its 1 prompt/completion"
+    ):
+        load_sft_splits(cfg, tok)

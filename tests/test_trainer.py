@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -344,6 +345,12 @@ def test_resume_knows_a_model_directory_however_it_is_written(task, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     assert run_train(config(task, tmp_path / "run", steps=2, model=f"{task}/model/", resume=True)) == 0
     assert (tmp_path / "run" / "checkpoint-2").is_dir()
+    # the project moved (or was mounted elsewhere): the same words as before still name the same model
+    saved = tmp_path / "run" / "run_config.json"
+    options = json.loads(saved.read_text())
+    saved.write_text(json.dumps({**options, "resolved": {"model": "/old/mount/model", "ref_model": None}}))
+    monkeypatch.chdir(task)
+    assert run_train(config(task, tmp_path / "run", steps=3, model=options["model"], resume=True)) == 0
 
 
 def test_a_run_refused_before_training_leaves_no_empty_output_dir(task, tmp_path):
@@ -647,6 +654,28 @@ def test_yaml_config_with_flag_override(task, tmp_path):
     parsed = cli.build_parser().parse_args(["train", "--config", str(yaml_file), "--steps", "2"])
     cfg = cli.parse_config(TrainConfig, parsed)
     assert cfg.steps == 2 and cfg.reward == [REWARD]
+
+
+def test_inf_switches_clipping_off_where_zero_cannot(task):
+    inf = float("inf")
+    config(task, Path("x"), algorithm="ppo", clip_eps=inf, value_clip_eps=inf, max_grad_norm=inf)
+
+
+def test_a_forked_child_of_the_training_process_still_dies_of_sigterm():
+    """A reward's worker process (multiprocessing forks on Linux) inherits the handler; terminate()
+    must still end it, not ask it to checkpoint."""
+    import multiprocessing
+
+    from reinforce_lm.trainer import GracefulInterrupt
+
+    with GracefulInterrupt() as interrupt:
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        child.start()
+        time.sleep(0.2)
+        child.terminate()
+        child.join(10)
+        assert not child.is_alive() and child.exitcode == -signal.SIGTERM
+        assert not interrupt.requested
 
 
 def test_bad_values_are_rejected(task):

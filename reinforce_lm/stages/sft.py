@@ -9,7 +9,6 @@ by the GLOBAL label-token count, so micro-batching and processes change nothing.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -79,9 +78,6 @@ class SFTStage:
         self.cfg, self.model, self.tokenizer, self.d = cfg, model, tokenizer, d
         self.train, self.eval_examples = train, eval_examples
         self.pad_id = tokenizer.pad_token_id
-        if tokenizer.eos_token_id is None and d.is_main:
-            warnings.warn("the tokenizer has no EOS token: prompt/completion examples end without one, so "
-                          "the model does not learn where a completion stops", stacklevel=2)  # fmt: skip
 
     def param_groups(self):
         return [("policy", self.model, self.cfg.lr)]
