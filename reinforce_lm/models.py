@@ -262,7 +262,8 @@ def _padding(attention_mask: torch.Tensor) -> tuple[bool, bool]:
 
 
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
-    """Zero every dropout probability: the policy that is trained must be the policy that sampled.
+    """Zero every dropout probability (and route as in eval mode): the policy that is trained must be the
+    policy that sampled.
 
     With dropout on, the log-probs of the update differ from those of the sampler and the KL/ratio
     terms pick up noise (the RLHF practice since Ziegler et al. 2019). Train mode is kept, so gradient
@@ -279,7 +280,18 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     for key in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, 0.0)
+    # Mixture-of-experts routers with "jitter" are random in train mode too: noise on the router's input
+    # or logits (Mixtral-style `jitter_noise`, DBRX), or experts drawn instead of the top ones (PhiMoE's
+    # sparsemixer). The sampler runs in eval mode; such a module runs as in eval mode in the update too,
+    # so both route alike (PhiMoE's router then gets no gradient where one expert survives its mask).
+    for m in model.modules():
+        if any(isinstance(v, float) and v > 0 and "jitter" in k for k, v in vars(m).items()):
+            m.register_forward_pre_hook(_as_in_eval)
     return model
+
+
+def _as_in_eval(module, args) -> None:
+    module.training = False  # model.train() sets it again; this hook clears it before every forward
 
 
 # -- LoRA (optional extra `peft`) --------------------------------------------------------------------

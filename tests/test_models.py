@@ -538,6 +538,10 @@ def _arch_config(name: str, V: int):
             **small, num_key_value_heads=2, num_experts=2, attn_layer_period=2, attn_layer_offset=1,
             expert_layer_period=2, mamba_d_state=4, use_mamba_kernels=False,
         ),
+        "phimoe": lambda: T.PhimoeConfig(  # its router draws experts in train mode (sparsemixer)
+            **small, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+            router_jitter_noise=0.5,  # 0.01 in real checkpoints: a wider mask, so draws differ at once
+        ),
         "gemma3n": lambda: T.Gemma3nTextConfig(  # its pad token's embedding row is zero (padding_idx)
             **small, num_key_value_heads=2, head_dim=8, sliding_window=4, num_kv_shared_layers=0,
             layer_types=["sliding_attention", "full_attention"], laurel_rank=4, altup_num_inputs=2,
@@ -610,7 +614,7 @@ def test_disable_dropout_reaches_float_probabilities_in_modules():
     "arch",
     ["phi", "opt_proj", "gpt_neox", "bloom", "mixtral", "gemma", "gemma2_softcap"]
     + ["falcon", "gptj", "phi3", "gpt_bigcode", "granite", "qwen3_moe", "jamba", "falcon_h1", "qwen3_next"]
-    + ["gemma3n"],
+    + ["gemma3n", "phimoe"],
 )
 def test_the_sampler_and_the_update_score_the_same_tokens_alike(arch, tokenizer):
     """What the sampler records for each token (its log-prob under the policy, left-padded prompts of
