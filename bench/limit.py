@@ -70,7 +70,7 @@ def draw(logits: torch.Tensor) -> torch.Tensor:
     vocabulary `torch.multinomial` costs several times more on CPU): the cheapest plain draw we know."""
     from reinforce_lm.rollout import _draw
 
-    return _draw(logits, torch.rand(logits.shape[0], dtype=torch.float64))[:, None]
+    return _draw(logits, torch.rand(logits.shape[0], dtype=torch.float64))[0][:, None]
 
 
 def sample_plain(model, ids, mask, K: int, T: int):

@@ -96,16 +96,25 @@ def test_seeded_draws_follow_the_softmax():
     seeds = row_seeds(0, 0, torch.arange(20000), 1)
     u = rollout._uniforms(seeds, 0, 1)[:, 0]
     assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
-    draws = rollout._draw(logits.expand(len(seeds), vocab), u)
+    draws, logp = rollout._draw(logits.expand(len(seeds), vocab), u)
     freq = torch.bincount(draws, minlength=vocab).double() / len(draws)
     expected = logits.double().softmax(-1)
     assert (freq - expected).abs().max() < 0.015
+    assert torch.allclose(logp, logits.log_softmax(-1)[draws], atol=1e-6)  # each draw's log-prob
     top = filter_logits(logits.expand(len(seeds), vocab), top_k=3)
     kept = set(logits.topk(3).indices.tolist())
-    assert set(rollout._draw(top, u).tolist()) == kept
+    assert set(rollout._draw(top, u)[0].tolist()) == kept
     last = torch.full((2, vocab), float("-inf"))
     last[:, -1] = 0.0  # all mass on the last token; u close to 1 must not run past it
-    assert rollout._draw(last, torch.tensor([1e-9, 1 - 1e-9])).tolist() == [vocab - 1, vocab - 1]
+    assert rollout._draw(last, torch.tensor([1e-9, 1 - 1e-9]))[0].tolist() == [vocab - 1, vocab - 1]
+    buffers = {}  # work tensors handed out for reuse: the same draws and log-probs
+
+    def scratch(name, shape, dtype):
+        buffers.setdefault(name, torch.empty(shape, dtype=dtype))
+        return buffers[name][: shape[0]]
+
+    again = rollout._draw(logits.expand(len(seeds), vocab), u, scratch)
+    assert torch.equal(again[0], draws) and torch.equal(again[1], logp) and len(buffers) == 2
 
 
 def _config(name: str, tok):
