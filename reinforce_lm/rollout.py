@@ -83,6 +83,9 @@ def _uniforms(seeds: torch.Tensor, t: int, n: int) -> torch.Tensor:
     return (x.double() + 0.5) / float(1 << 53)
 
 
+_FEW = 1 << 14  # logits per step below which `_draw` takes fewer ops rather than fewer passes
+
+
 def _draw(logits: torch.Tensor, u: torch.Tensor, scratch=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from softmax(logits) by inverse transform sampling, and its log-prob:
     [n, V], [n] -> tokens [n] long, log-probs [n] float32.
@@ -90,14 +93,20 @@ def _draw(logits: torch.Tensor, u: torch.Tensor, scratch=None) -> tuple[torch.Te
     Token i is drawn when u falls in its slice of the cumulative distribution (accumulated in float64),
     so a row needs one uniform, not one per vocabulary entry as Gumbel-max does: on a 152k vocabulary
     the per-token noise was ~20 int64 passes over [n, V], most of a small model's sampling time.
-    Tokens with probability 0 (filtered to -inf) are never drawn: their slice is empty. The slices are
-    exp(logits - max), unnormalised (u scales with their sum), and the same sum gives the log-prob:
-    two passes over [n, V] where softmax, cumsum and log_softmax took five. `scratch(name, shape,
-    dtype)` may hand out the two [n, V] work tensors, reused across decode steps: fresh ones each step
-    cost page faults once glibc serves them by mmap (1.0 s against 1.45 s of sampling on the 152k
-    benchmark model, depending on the run).
+    Tokens with probability 0 (filtered to -inf) are never drawn: their slice is empty.
+
+    Large logits: the slices are exp(logits - max), unnormalised (u scales with their sum), and the same
+    sum gives the log-prob, two passes over [n, V] where softmax, cumsum and log_softmax took five; and
+    `scratch(name, shape, dtype)` may hand out the two work tensors, reused across decode steps (fresh
+    ones cost page faults whenever glibc serves them by mmap: 1.0 or 1.45 s of sampling per step on
+    the 152k benchmark model, by the run, now 0.85 s). Below _FEW values per-op overhead, not passes,
+    sets the time, and the three plain ops are 2-9% faster on the tiny benchmark model.
     """
     n, V = logits.shape
+    if n * V <= _FEW:  # per-op overhead, not passes, sets the time here: the fewest ops
+        cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)  # [n, V]
+        tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp_(max=V - 1)
+        return tok, logits.log_softmax(-1).gather(1, tok[:, None]).squeeze(1)
     new = scratch or (lambda name, shape, dtype: torch.empty(shape, dtype=dtype, device=logits.device))
     top = logits.amax(-1, keepdim=True)  # [n, 1]
     w = torch.sub(logits, top, out=new("w", (n, V), torch.float32)).exp_()  # [n, V]

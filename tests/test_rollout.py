@@ -101,6 +101,9 @@ def test_seeded_draws_follow_the_softmax():
     expected = logits.double().softmax(-1)
     assert (freq - expected).abs().max() < 0.015
     assert torch.allclose(logp, logits.log_softmax(-1)[draws], atol=1e-6)  # each draw's log-prob
+    few, few_logp = rollout._draw(logits.expand(8, vocab), u[:8])  # below _FEW: the plain ops
+    assert 8 * vocab <= rollout._FEW < len(seeds) * vocab
+    assert torch.equal(few, draws[:8]) and torch.allclose(few_logp, logp[:8], atol=1e-6)
     top = filter_logits(logits.expand(len(seeds), vocab), top_k=3)
     kept = set(logits.topk(3).indices.tolist())
     assert set(rollout._draw(top, u)[0].tolist()) == kept
