@@ -68,7 +68,7 @@ def batch(tok, prompts: list[str], P: int, K: int, T: int, vocab: int):
 def draw(logits: torch.Tensor) -> torch.Tensor:
     """[B, V] -> [B, 1]: reinforce-lm's inverse-transform draw with plain `torch.rand` uniforms (on a 152k
     vocabulary `torch.multinomial` costs several times more on CPU): the cheapest plain draw we know."""
-    from reinforce_lm.rollout import _draw
+    from reinforce_lm.draws import _draw
 
     return _draw(logits, torch.rand(logits.shape[0], dtype=torch.float64))[0][:, None]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from reinforce_lm import toy
+from reinforce_lm import draws, toy
 from reinforce_lm.logprobs import token_logprobs
 from reinforce_lm.models import disable_dropout, load_tokenizer
 from reinforce_lm.rollout import Sampler, filter_logits, row_seeds
@@ -91,33 +91,31 @@ def test_seeded_draws_follow_the_softmax():
     tok = toy.make_tokenizer()
     vocab = len(tok)
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 1.5
-    from reinforce_lm import rollout
-
     seeds = row_seeds(0, 0, torch.arange(20000), 1)
-    u = rollout._uniforms(seeds, 0, 1)[:, 0]
+    u = draws._uniforms(seeds, 0, 1)[:, 0]
     assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
-    draws, logp = rollout._draw(logits.expand(len(seeds), vocab), u)
-    freq = torch.bincount(draws, minlength=vocab).double() / len(draws)
+    drawn, logp = draws._draw(logits.expand(len(seeds), vocab), u)
+    freq = torch.bincount(drawn, minlength=vocab).double() / len(drawn)
     expected = logits.double().softmax(-1)
     assert (freq - expected).abs().max() < 0.015
-    assert torch.allclose(logp, logits.log_softmax(-1)[draws], atol=1e-6)  # each draw's log-prob
-    few, few_logp = rollout._draw(logits.expand(8, vocab), u[:8])  # below _FEW: the plain ops
-    assert 8 * vocab <= rollout._FEW < len(seeds) * vocab
-    assert torch.equal(few, draws[:8]) and torch.allclose(few_logp, logp[:8], atol=1e-6)
+    assert torch.allclose(logp, logits.log_softmax(-1)[drawn], atol=1e-6)  # each draw's log-prob
+    few, few_logp = draws._draw(logits.expand(8, vocab), u[:8])  # below _FEW: the plain ops
+    assert 8 * vocab <= draws._FEW < len(seeds) * vocab
+    assert torch.equal(few, drawn[:8]) and torch.allclose(few_logp, logp[:8], atol=1e-6)
     top = filter_logits(logits.expand(len(seeds), vocab), top_k=3)
     kept = set(logits.topk(3).indices.tolist())
-    assert set(rollout._draw(top, u)[0].tolist()) == kept
+    assert set(draws._draw(top, u)[0].tolist()) == kept
     last = torch.full((2, vocab), float("-inf"))
     last[:, -1] = 0.0  # all mass on the last token; u close to 1 must not run past it
-    assert rollout._draw(last, torch.tensor([1e-9, 1 - 1e-9]))[0].tolist() == [vocab - 1, vocab - 1]
+    assert draws._draw(last, torch.tensor([1e-9, 1 - 1e-9]))[0].tolist() == [vocab - 1, vocab - 1]
     buffers = {}  # work tensors handed out for reuse: the same draws and log-probs
 
     def scratch(name, shape, dtype):
         buffers.setdefault(name, torch.empty(shape, dtype=dtype))
         return buffers[name][: shape[0]]
 
-    again = rollout._draw(logits.expand(len(seeds), vocab), u, scratch)
-    assert torch.equal(again[0], draws) and torch.equal(again[1], logp) and len(buffers) == 2
+    again = draws._draw(logits.expand(len(seeds), vocab), u, scratch)
+    assert torch.equal(again[0], drawn) and torch.equal(again[1], logp) and len(buffers) == 2
 
 
 def _config(name: str, tok):
