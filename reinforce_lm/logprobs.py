@@ -60,7 +60,9 @@ class _ChosenLogp(torch.autograd.Function):
         for i in range(0, logits.shape[0], ctx.rows):
             rows = slice(i, i + ctx.rows)
             gi = g[rows].unsqueeze(-1).float() / ctx.temperature  # [b, T, 1]
-            if in_place:
+            if in_place and ctx.temperature == 1.0:  # the default: one pass, not a division first
+                p = torch.sub(logits[rows], lse[rows].unsqueeze(-1), out=grad[rows])
+            elif in_place:
                 p = torch.div(logits[rows], ctx.temperature, out=grad[rows]).sub_(lse[rows].unsqueeze(-1))
             else:
                 p = _scaled(logits[rows], ctx.temperature) - lse[rows].unsqueeze(-1)

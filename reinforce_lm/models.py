@@ -277,16 +277,16 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
         for name, value in vars(m).items():
             if isinstance(value, float) and ("dropout" in name or name.endswith(("pdrop", "layerdrop"))):
                 setattr(m, name, 0.0)
+        # Mixture-of-experts routers with "jitter" are random in train mode too: noise on the router's
+        # input or logits (Mixtral-style `jitter_noise`, DBRX), or experts drawn instead of the top ones
+        # (PhiMoE's sparsemixer). The sampler runs in eval mode; such a module runs as in eval mode in the
+        # update too, so both route alike (PhiMoE's router then gets no gradient where one expert
+        # survives its mask).
+        if any(isinstance(v, float) and v > 0 and "jitter" in k for k, v in vars(m).items()):
+            m.register_forward_pre_hook(_as_in_eval)
     for key in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, 0.0)
-    # Mixture-of-experts routers with "jitter" are random in train mode too: noise on the router's input
-    # or logits (Mixtral-style `jitter_noise`, DBRX), or experts drawn instead of the top ones (PhiMoE's
-    # sparsemixer). The sampler runs in eval mode; such a module runs as in eval mode in the update too,
-    # so both route alike (PhiMoE's router then gets no gradient where one expert survives its mask).
-    for m in model.modules():
-        if any(isinstance(v, float) and v > 0 and "jitter" in k for k, v in vars(m).items()):
-            m.register_forward_pre_hook(_as_in_eval)
     return model
 
 
