@@ -31,78 +31,106 @@ def _rows(logits: torch.Tensor, elements: int | None = None) -> int:
 
 
 class _ChosenLogp(torch.autograd.Function):
-    """log softmax(logits / temperature)[tokens] in float32, `rows` rows of logits at a time.
+    """log softmax(logits / temperature)[tokens] in float32 (and the entropy, no gradient), a few rows
+    of logits at a time.
 
     Each chunk is upcast before it is divided: bf16 logits divided in bf16 would round every scaled
     logit once more (log-prob errors of ~0.02 at temperature 0.7, where the sampler, which divides in
-    float32, sees none). Saved for backward: the logits themselves and the [B, T] log-normalisers,
-    nothing of size V in float32. The backward writes g * (onehot(tokens) - softmax) / temperature chunk
-    by chunk straight into one gradient tensor of the logits' dtype (in place for float32 logits), where
-    autograd's log-softmax and gather would allocate three [B, T, V] tensors (their sum, the softmax and
-    the scattered one-hot).
+    float32, sees none). The forward reuses one or two chunk-sized work tensors for the log-normaliser
+    and the entropy together, where logsumexp and a separate entropy would allocate three or four fresh
+    ones per chunk (temporaries of 18-56 MB a chunk on a 152k vocabulary, which fragment the C heap).
+    Saved for backward: the logits themselves and the [B, T] log-normalisers, nothing of size V in
+    float32. The backward writes g * (onehot(tokens) - softmax) / temperature chunk by chunk into one
+    gradient tensor of the logits' dtype; with `consume` (the caller holds the only reference to the
+    logits, e.g. an LM head's fresh output), that tensor is the logits themselves, overwritten in place,
+    so the logits and their gradient never both exist. A second backward through the same graph then
+    fails on the saved logits' version check rather than reading overwritten values.
     """
 
     @staticmethod
-    def forward(ctx, logits, tokens, rows: int, temperature: float):  # [B, T, V], [B, T] -> [B, T] f32
+    def forward(ctx, logits, tokens, rows: int, temperature: float, entropy: bool, consume: bool):
+        # [B, T, V], [B, T] -> log-probs [B, T] float32, entropy [B, T] float32 or None
         lse = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)  # [B, T]
-        for i in range(0, logits.shape[0], rows):
-            lse[i : i + rows] = torch.logsumexp(_scaled(logits[i : i + rows], temperature), dim=-1)
+        ent = torch.empty_like(lse) if entropy else None
+        step = max(1, rows // 4)  # smaller chunks here: one or two work tensors live at once
+        work = [_work(logits, step) for _ in range(2 if entropy else 1)]
+        for i in range(0, logits.shape[0], step):
+            chunk = logits[i : i + step]
+            x = _float32_scaled(chunk, temperature, work[0])  # [b, T, V]; `chunk` when nothing changes
+            top = x.amax(-1, keepdim=True)
+            top = top.masked_fill(top.isinf(), 0.0)  # rows at +-inf: as torch.logsumexp does
+            x = torch.sub(x, top, out=work[0][: len(chunk)]) if x is chunk else x.sub_(top)  # [b, T, V]
+            if entropy:  # entropy = log s - sum(e * x) / s with e = exp(x), s = sum(e)
+                e = torch.exp(x, out=work[1][: len(chunk)])
+                total = e.sum(-1)
+                ent[i : i + step] = total.log() - e.mul_(x).sum(-1) / total
+            else:
+                total = x.exp_().sum(-1)
+            lse[i : i + step] = total.log_() + top.squeeze(-1)
         ctx.save_for_backward(logits, tokens, lse)
-        ctx.rows, ctx.temperature = rows, temperature
-        return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float() / temperature - lse
+        ctx.rows, ctx.temperature, ctx.consume = rows, temperature, consume
+        if entropy:
+            ctx.mark_non_differentiable(ent)
+        return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float() / temperature - lse, ent
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g):  # g [B, T] -> [B, T, V]
+    def backward(ctx, g, _g_entropy):  # g [B, T] -> [B, T, V]
         logits, tokens, lse = ctx.saved_tensors
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        in_place = logits.dtype == torch.float32
+        if ctx.consume and logits.is_contiguous():
+            grad = logits  # read by nothing else: each chunk is read, then overwritten
+        else:
+            grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        in_place = logits.dtype == torch.float32  # float32: computed in the gradient tensor itself
+        work = None if in_place else _work(logits, ctx.rows)
         for i in range(0, logits.shape[0], ctx.rows):
             rows = slice(i, i + ctx.rows)
             gi = g[rows].unsqueeze(-1).float() / ctx.temperature  # [b, T, 1]
-            if in_place and ctx.temperature == 1.0:  # the default: one pass, not a division first
-                p = torch.sub(logits[rows], lse[rows].unsqueeze(-1), out=grad[rows])
-            elif in_place:
-                p = torch.div(logits[rows], ctx.temperature, out=grad[rows]).sub_(lse[rows].unsqueeze(-1))
-            else:
-                p = _scaled(logits[rows], ctx.temperature) - lse[rows].unsqueeze(-1)
+            out = grad[rows] if in_place else work[: len(tokens[rows])]
+            p = _float32_scaled(logits[rows], ctx.temperature, out)
+            p = torch.sub(p, lse[rows].unsqueeze(-1), out=out)  # in place but for float32 at T = 1
             p.exp_().mul_(-gi).scatter_add_(-1, tokens[rows].unsqueeze(-1), gi)  # g * (onehot - softmax) / T
             if not in_place:
                 grad[rows] = p  # cast into the logits' dtype
-        return grad, None, None, None
+        return grad, None, None, None, None, None
 
 
-def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logits / temperature in float32, divided after the upcast (never in bf16); a fresh tensor unless
-    the logits are float32 already and the temperature is 1."""
-    lg = logits.float()
-    if temperature == 1.0:
-        return lg
-    return lg.div_(temperature) if lg is not logits else lg / temperature
+def _work(logits: torch.Tensor, rows: int) -> torch.Tensor:
+    """An empty float32 work tensor for `rows` rows of `logits` [B, T, V]: [min(rows, B), T, V]."""
+    return logits.new_empty((min(rows, logits.shape[0]), *logits.shape[1:]), dtype=torch.float32)
+
+
+def _float32_scaled(chunk: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
+    """chunk / temperature in float32, upcast before the division (never divided in bf16): `chunk`
+    itself when it is float32 and the temperature 1, else written into `out` (float32, a leading slice
+    of it when the chunk has fewer rows)."""
+    if chunk.dtype == torch.float32 and temperature == 1.0:
+        return chunk
+    out = out[: chunk.shape[0]]
+    if chunk.dtype == torch.float32:
+        return torch.div(chunk, temperature, out=out)
+    out.copy_(chunk)
+    return out.div_(temperature) if temperature != 1.0 else out
 
 
 def selective_log_softmax(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, entropy: bool = False
+):
     """log softmax(logits / temperature)[tokens] without a float32 copy of the whole `[B, T, V]` tensor.
 
-    logits [B, T, V] (any dtype), tokens [B, T] -> [B, T] float32. Rows are processed a few at a time
-    (at most CHUNK_ELEMENTS logits per chunk are upcast and divided), forward and backward (`_ChosenLogp`).
+    logits [B, T, V] (any dtype), tokens [B, T] -> [B, T] float32; with `entropy`, also the per-token
+    entropy of softmax(logits / temperature) [B, T] float32 (no gradient), from the same passes. Rows are
+    processed a few at a time (at most CHUNK_ELEMENTS logits per chunk are upcast), forward and backward
+    (`_ChosenLogp`).
     """
-    return _ChosenLogp.apply(logits, tokens, _rows(logits), temperature)
+    return _from_logits(logits, tokens, temperature, entropy)
 
 
-@torch.no_grad()
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token entropy of softmax(logits / temperature): [B, T, V] -> [B, T] float32, chunked over rows.
-
-    A metric only: smaller chunks than the log-probs (its three temporaries are freed at once anyway).
-    """
-    out = []
-    for lg in logits.split(_rows(logits, CHUNK_ELEMENTS // 8)):
-        logp = F.log_softmax(_scaled(lg, temperature), dim=-1)
-        out.append(-(logp.exp() * logp).sum(-1))
-    return out[0] if len(out) == 1 else torch.cat(out)
+def _from_logits(logits, tokens, temperature: float, entropy: bool, consume: bool = False):
+    """`selective_log_softmax`; with `consume`, the backward may overwrite `logits` with their gradient
+    (only for logits that nothing else reads: see `_ChosenLogp`)."""
+    logp, ent = _ChosenLogp.apply(logits, tokens, _rows(logits), temperature, entropy, consume)
+    return (logp, ent) if entropy else logp
 
 
 def token_logprobs(
@@ -141,12 +169,6 @@ def token_logprobs(
     if "out" in taken:
         return taken["out"]
     return _from_logits(out.logits[:, -(n_response + 1) : -1], tokens, temperature, entropy)
-
-
-def _from_logits(logits, tokens, temperature: float, entropy: bool):
-    """logits [B, T, V], tokens [B, T] -> log-probs [B, T] float32 (and entropy [B, T], no gradient)."""
-    logp = selective_log_softmax(logits, tokens, temperature)
-    return (logp, entropy_from_logits(logits.detach(), temperature)) if entropy else logp
 
 
 def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -269,7 +291,9 @@ def head_logprobs(head, hidden, tokens, temperature: float = 1.0, entropy=False,
     vocab = getattr(head, "out_features", None) or getattr(head, "weight", torch.empty(1, 1)).shape[0]
     per_chunk = max(1, CHUNK_ELEMENTS // vocab)
     if B * T * vocab < HEAD_CHUNKS_MIN * CHUNK_ELEMENTS:  # one piece: the logits are small
-        return _from_logits(head(hidden), tokens, temperature, entropy)
+        # a plain linear head's output is read by nothing else: its gradient may overwrite it
+        consume = _linear_head(head, own_hook) and torch.is_grad_enabled()
+        return _from_logits(head(hidden), tokens, temperature, entropy, consume)
 
     if _linear_head(head, own_hook):  # in one autograd node, the logits never kept (`_HeadLogp`)
         device, dtype = hidden.device.type, head.weight.dtype

@@ -25,7 +25,41 @@ def test_selective_log_softmax_and_entropy_in_chunks(monkeypatch, elements):
     (grad_want,) = torch.autograd.grad(want.sum(), logits)
     assert torch.allclose(grad_got, grad_want, atol=1e-6)
     p = logits.softmax(-1)
-    assert torch.allclose(logprobs.entropy_from_logits(logits), -(p * p.log()).sum(-1), atol=1e-5)
+    again, ent = logprobs.selective_log_softmax(logits, tokens, entropy=True)
+    assert torch.equal(again, got) and not ent.requires_grad
+    assert torch.allclose(ent, -(p * p.log()).sum(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_consumed_logits_become_their_gradient(monkeypatch, dtype, temperature):
+    """With `consume` (an LM head's fresh output, read by nothing else) the backward writes the gradient
+    into the logits' own storage: the same gradient, no second [B, T, V] tensor; a second backward
+    through the same graph fails on the overwritten logits instead of using them."""
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 40)  # several chunks
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(13, 6, generator=g, requires_grad=True)
+    h = torch.randn(5, 3, 6, generator=g)
+    tokens = torch.randint(0, 13, (5, 3), generator=g)
+    grads, storages = [], []
+
+    def keep(grad):
+        storages.append(grad.untyped_storage().data_ptr())
+        return grad
+
+    for consume in (False, True):
+        logits = (h @ w.T).to(dtype)
+        logits.register_hook(keep)
+        ptr = logits.untyped_storage().data_ptr()
+        logp, ent = logprobs._from_logits(logits, tokens, temperature, True, consume)
+        (logp * torch.arange(15.0).view(5, 3)).sum().backward(retain_graph=True)
+        grads.append(w.grad.clone())
+        w.grad = None
+        assert (storages[-1] == ptr) == consume
+        if consume:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                logp.sum().backward()
+    assert torch.allclose(grads[0], grads[1], atol=0, rtol=0)
 
 
 def test_selective_log_softmax_of_bf16_logits_is_float32():
@@ -56,7 +90,7 @@ def test_selective_log_softmax_divides_by_the_temperature_in_float32(monkeypatch
     assert grad_got.dtype == dtype
     assert torch.allclose(grad_got.float(), grad_want.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
     p = exact.softmax(-1)
-    ent = logprobs.entropy_from_logits(logits.detach(), 0.7)
+    _, ent = logprobs.selective_log_softmax(logits.detach(), tokens, 0.7, entropy=True)
     assert torch.allclose(ent, -(p * p.log()).sum(-1), atol=1e-5)
     if dtype == torch.bfloat16:  # what dividing in bf16 gave: far from the sampler's log-probs
         rounded = (logits.detach() / 0.7).float().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
