@@ -52,7 +52,7 @@ class _ChosenLogp(torch.autograd.Function):
         # [B, T, V], [B, T] -> log-probs [B, T] float32, entropy [B, T] float32 or None
         lse = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)  # [B, T]
         ent = torch.empty_like(lse) if entropy else None
-        step = max(1, rows // 4)  # smaller chunks here: one or two work tensors live at once
+        step = max(1, rows // 16)  # smaller chunks here: one or two work tensors live at once
         work = [_work(logits, step) for _ in range(2 if entropy else 1)]
         for i in range(0, logits.shape[0], step):
             chunk = logits[i : i + step]
