@@ -8,8 +8,9 @@ import importlib
 import os
 import sys
 
-from reinforce_lm.config import EvalConfig, TrainConfig, build_config, field_type, load_yaml
+from reinforce_lm.config import EvalConfig, TrainConfig
 from reinforce_lm.errors import ReinforceLMError
+from reinforce_lm.options import build_config, field_type, load_yaml
 
 # name -> (config class, help, "module:function" that takes the config and returns an exit code)
 COMMANDS: dict[str, tuple[type, str, str]] = {
