@@ -6,9 +6,10 @@
 `logprobs.token_logprobs` runs the model's LM head itself, a chunk of tokens at a time (at most
 `CHUNK_ELEMENTS` logits each), and recomputes each chunk in the backward pass instead of keeping it:
 for a plain linear head in one autograd node (`chunked`), else through the head module under activation
-checkpointing (`checkpointed`, forced here with a no-op hook on the head). The
-whole-logits path (a plain `model(...).logits`, then a chunked float32 log-softmax; what TRL's
-`selective_log_softmax` does too) holds the `[B, T, V]` logits and, in backward, their gradient. Every
+checkpointing (`checkpointed`, forced here with a no-op hook on the head). The whole-logits path
+(`whole`: the head in one piece, as reinforce-lm runs it below `HEAD_CHUNKS_MIN` chunks, then a chunked
+float32 log-softmax) holds the `[B, T, V]` logits; its backward writes their gradient into the same
+storage (TRL's `selective_log_softmax` path holds the logits and their gradient at once). Every
 (variant, pass) runs in a fresh process on the same randomly initialised Llama-architecture model (built
 from a config, nothing downloaded). Reported: the median wall time of the pass after a first call, and
 the memory the first call needs beyond what it leaves allocated: its peak RSS above the RSS before it,
@@ -45,7 +46,7 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     variant, name = args.worker.split(":")
     if variant == "whole":
-        logprobs.CHUNK_ELEMENTS = 1 << 62  # one piece: the model's own logits
+        logprobs.HEAD_CHUNKS_MIN = 1 << 62  # the head in one piece, as below the threshold
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,

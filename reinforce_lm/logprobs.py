@@ -57,16 +57,9 @@ class _ChosenLogp(torch.autograd.Function):
         for i in range(0, logits.shape[0], step):
             chunk = logits[i : i + step]
             x = _float32_scaled(chunk, temperature, work[0])  # [b, T, V]; `chunk` when nothing changes
-            top = x.amax(-1, keepdim=True)
-            top = top.masked_fill(top.isinf(), 0.0)  # rows at +-inf: as torch.logsumexp does
-            x = torch.sub(x, top, out=work[0][: len(chunk)]) if x is chunk else x.sub_(top)  # [b, T, V]
-            if entropy:  # entropy = log s - sum(e * x) / s with e = exp(x), s = sum(e)
-                e = torch.exp(x, out=work[1][: len(chunk)])
-                total = e.sum(-1)
-                ent[i : i + step] = total.log() - e.mul_(x).sum(-1) / total
-            else:
-                total = x.exp_().sum(-1)
-            lse[i : i + step] = total.log_() + top.squeeze(-1)
+            lse[i : i + step], e = _normaliser(x, work, owned=x is not chunk, entropy=entropy)
+            if entropy:
+                ent[i : i + step] = e
         ctx.save_for_backward(logits, tokens, lse)
         ctx.rows, ctx.temperature, ctx.consume = rows, temperature, consume
         if entropy:
@@ -93,6 +86,25 @@ class _ChosenLogp(torch.autograd.Function):
             if not in_place:
                 grad[rows] = p  # cast into the logits' dtype
         return grad, None, None, None, None, None
+
+
+def _normaliser(x: torch.Tensor, work: list, owned: bool, entropy: bool):
+    """log sum exp(x) over the last dim, and with `entropy` the entropy of softmax(x) (else None):
+    [n, ..., V] float32 -> [n, ...], [n, ...] or None. One pass each, on reused work tensors: x - max is
+    written over x when `owned` (x is scratch), else into work[0]; exp(x - max) for the entropy into
+    work[1]."""
+    n = x.shape[0]
+    top = x.amax(-1, keepdim=True)
+    top = top.masked_fill(top.isinf(), 0.0)  # rows at +-inf: as torch.logsumexp does
+    x = x.sub_(top) if owned else torch.sub(x, top, out=work[0][:n])
+    ent = None
+    if entropy:  # entropy = log s - sum(e * x) / s with e = exp(x), s = sum(e)
+        e = torch.exp(x, out=work[1][:n])
+        total = e.sum(-1)
+        ent = total.log() - e.mul_(x).sum(-1) / total
+    else:
+        total = x.exp_().sum(-1)
+    return total.log_() + top.squeeze(-1), ent
 
 
 def _work(logits: torch.Tensor, rows: int) -> torch.Tensor:
@@ -206,8 +218,14 @@ class _HeadLogp(torch.autograd.Function):
     """
 
     @staticmethod
-    def _logits(h, w, b, temperature):  # [n, H] -> [n, V] float32
-        lg = F.linear(h, w, b).float()
+    def _logits(h, w, b, temperature, out=None):  # [n, H] -> [n, V] float32, in `out` [>= n, V] if given
+        if out is None:
+            lg = F.linear(h, w, b).float()
+        elif h.dtype == w.dtype == out.dtype:  # float32 matmuls straight into the reused tensor
+            lg = out[: h.shape[0]]
+            torch.mm(h, w.t(), out=lg) if b is None else torch.addmm(b, h, w.t(), out=lg)
+        else:
+            lg = out[: h.shape[0]].copy_(F.linear(h, w, b))  # bf16/fp16 product, upcast
         return lg.div_(temperature) if temperature != 1.0 else lg
 
     @staticmethod
@@ -217,12 +235,16 @@ class _HeadLogp(torch.autograd.Function):
         lse = torch.empty(tokens.shape, dtype=torch.float32, device=hidden.device)  # [N]
         chosen = torch.empty_like(lse)
         ent = torch.empty_like(lse) if entropy else None
+        # One or two [rows, V] float32 tensors serve every chunk: a fresh one per chunk (64 MB) costs
+        # page faults on CPU whenever glibc serves it by mmap.
+        shape = (min(rows, hidden.shape[0]), weight.shape[0])
+        work = [hidden.new_empty(shape, dtype=torch.float32) for _ in range(2 if entropy else 1)]
         for i in range(0, hidden.shape[0], rows):
-            lg = _HeadLogp._logits(hidden[i : i + rows].to(dtype), w, b, temperature)  # [n, V]
-            lse[i : i + rows] = c = torch.logsumexp(lg, -1)
+            lg = _HeadLogp._logits(hidden[i : i + rows].to(dtype), w, b, temperature, work[0])  # [n, V]
             chosen[i : i + rows] = lg.gather(-1, tokens[i : i + rows, None]).squeeze(-1)
-            if entropy:  # logsumexp - sum p * logits, with one more [n, V] temporary
-                ent[i : i + rows] = c - (lg - c[:, None]).exp_().mul_(lg).sum(-1)
+            lse[i : i + rows], e = _normaliser(lg, work, owned=True, entropy=entropy)
+            if entropy:
+                ent[i : i + rows] = e
         ctx.save_for_backward(hidden, weight, bias, tokens, lse)
         ctx.temperature, ctx.rows, ctx.dtype = temperature, rows, dtype
         if entropy:
@@ -240,10 +262,11 @@ class _HeadLogp(torch.autograd.Function):
         acc = torch.promote_types(weight.dtype, torch.float32)  # float32 sums for bf16/fp16 weights
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        work = hidden.new_empty((min(ctx.rows, hidden.shape[0]), weight.shape[0]), dtype=torch.float32)
         for i in range(0, hidden.shape[0], ctx.rows):
             h = hidden[i : i + ctx.rows].to(ctx.dtype)
             gi = g[i : i + ctx.rows, None].float() / ctx.temperature  # [n, 1]
-            lg = _HeadLogp._logits(h, w, b, ctx.temperature)
+            lg = _HeadLogp._logits(h, w, b, ctx.temperature, work)
             lg.sub_(lse[i : i + ctx.rows, None]).exp_().mul_(-gi)  # -g * softmax / temperature
             d = lg.scatter_add_(-1, tokens[i : i + ctx.rows, None], gi).to(ctx.dtype)  # [n, V]
             if need_h:
