@@ -17,9 +17,9 @@ from reinforce_lm.models import forward_kwargs, inner_model
 
 CHUNK_ELEMENTS = 1 << 24  # logits upcast to float32 at once: 64 MiB
 # The LM head runs in chunks only for logits of at least this many chunks (256 MiB of float32). Below
-# that the head runs in one piece, exactly as the model's forward would: on CPU, chunking a training step
-# over 8 x 32 tokens of a 152k vocabulary (148 MiB of logits, three chunks) saved ~100 MiB of its peak
-# but made the update ~17% slower.
+# that the head runs in one piece, exactly as the model's forward would, and a plain linear head's
+# logits then become their own gradient (`_ChosenLogp`'s `consume`): on CPU one piece is ~1.4x faster
+# than chunks, whose backward runs the head's matmul again, for ~16x the memory (bench/head.py).
 HEAD_CHUNKS_MIN = 4
 
 
