@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import typing
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,13 @@ from typing import Any
 from reinforce_lm.errors import ConfigError
 
 
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)  # evaluates every annotation of cls: once per class, not per field
+
+
 def field_type(cls, f: dataclasses.Field) -> type:
-    hints = typing.get_type_hints(cls)
-    t = hints[f.name]
+    t = _hints(cls)[f.name]
     return list if typing.get_origin(t) is list or t is list else t
 
 
