@@ -140,10 +140,8 @@ class _HeadLogp(torch.autograd.Function):
     """
 
     @staticmethod
-    def _logits(h, w, b, temperature, out=None):  # [n, H] -> [n, V] float32, in `out` [>= n, V] if given
-        if out is None:
-            lg = F.linear(h, w, b).float()
-        elif h.dtype == w.dtype == out.dtype:  # float32 matmuls straight into the reused tensor
+    def _logits(h, w, b, temperature, out):  # [n, H] -> [n, V] float32, written into out [>= n, V]
+        if h.dtype == w.dtype == out.dtype:  # float32 matmuls straight into the reused tensor
             lg = out[: h.shape[0]]
             torch.mm(h, w.t(), out=lg) if b is None else torch.addmm(b, h, w.t(), out=lg)
         else:
