@@ -21,51 +21,125 @@ class _ChosenLogp(torch.autograd.Function):
     ones per chunk (temporaries of 18-56 MB a chunk on a 152k vocabulary, which fragment the C heap).
     Saved for backward: the logits themselves and the [B, T] log-normalisers, nothing of size V in
     float32. The backward writes g * (onehot(tokens) - softmax) / temperature chunk by chunk into one
-    gradient tensor of the logits' dtype; with `consume` (the caller holds the only reference to the
-    logits, e.g. an LM head's fresh output), that tensor is the logits themselves, overwritten in place,
-    so the logits and their gradient never both exist. A second backward through the same graph then
-    fails on the saved logits' version check rather than reading overwritten values.
+    gradient tensor of the logits' dtype (`_chosen_grad`).
     """
 
     @staticmethod
-    def forward(ctx, logits, tokens, rows: int, temperature: float, entropy: bool, consume: bool):
+    def forward(ctx, logits, tokens, rows: int, temperature: float, entropy: bool):
         # [B, T, V], [B, T] -> log-probs [B, T] float32, entropy [B, T] float32 or None
-        lse = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)  # [B, T]
-        ent = torch.empty_like(lse) if entropy else None
-        step = max(1, rows // 16)  # smaller chunks here: one or two work tensors live at once
-        work = [_work(logits, step) for _ in range(2 if entropy else 1)]
-        for i in range(0, logits.shape[0], step):
-            chunk = logits[i : i + step]
-            x = _float32_scaled(chunk, temperature, work[0])  # [b, T, V]; `chunk` when nothing changes
-            lse[i : i + step], e = _normaliser(x, work, owned=x is not chunk, entropy=entropy)
-            if entropy:
-                ent[i : i + step] = e
+        logp, ent, lse = _chosen_forward(logits, tokens, rows, temperature, entropy)
         ctx.save_for_backward(logits, tokens, lse)
-        ctx.rows, ctx.temperature, ctx.consume = rows, temperature, consume
+        ctx.rows, ctx.temperature = rows, temperature
         if entropy:
             ctx.mark_non_differentiable(ent)
-        return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float() / temperature - lse, ent
+        return logp, ent
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g, _g_entropy):  # g [B, T] -> [B, T, V]
         logits, tokens, lse = ctx.saved_tensors
-        if ctx.consume and logits.is_contiguous():
-            grad = logits  # read by nothing else: each chunk is read, then overwritten
-        else:
-            grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        in_place = logits.dtype == torch.float32  # float32: computed in the gradient tensor itself
-        work = None if in_place else _work(logits, ctx.rows)
-        for i in range(0, logits.shape[0], ctx.rows):
-            rows = slice(i, i + ctx.rows)
-            gi = g[rows].unsqueeze(-1).float() / ctx.temperature  # [b, T, 1]
-            out = grad[rows] if in_place else work[: len(tokens[rows])]
-            p = _float32_scaled(logits[rows], ctx.temperature, out)
-            p = torch.sub(p, lse[rows].unsqueeze(-1), out=out)  # in place but for float32 at T = 1
-            p.exp_().mul_(-gi).scatter_add_(-1, tokens[rows].unsqueeze(-1), gi)  # g * (onehot - softmax) / T
-            if not in_place:
-                grad[rows] = p  # cast into the logits' dtype
-        return grad, None, None, None, None, None
+        return _chosen_grad(logits, tokens, lse, g, ctx.rows, ctx.temperature, False), *[None] * 4
+
+
+class _LinearLogp(torch.autograd.Function):
+    """`_ChosenLogp` of a plain linear LM head's output, the head's matmul in the same autograd node.
+
+    hidden [B, T, H], weight [V, H], bias [V] or None, tokens [B, T] -> log-probs [B, T] float32 (and
+    entropy [B, T] or None, no gradient). The logits are computed as the head would (`F.linear`, under
+    the caller's autocast) and kept for backward, where they become their own gradient in place: they
+    and their gradient never both exist. The weight's gradient is added straight into `weight.grad`
+    when autograd would add it there anyway (`_into_grad`: from the second micro-batch of a step on), so
+    no [V, H] temporary sits beside the logits' gradient at the backward's peak (78 MB on a 152k x 128
+    head). A second backward through the same graph fails on the saved logits' version check.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, rows: int, temperature: float, entropy: bool):
+        logits = F.linear(hidden, weight, bias)  # [B, T, V]
+        logp, ent, lse = _chosen_forward(logits, tokens, rows, temperature, entropy)
+        ctx.save_for_backward(hidden, weight, logits, tokens, lse)
+        ctx.rows, ctx.temperature = rows, temperature
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        if entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, _g_entropy):  # g [B, T] -> grads of hidden, weight, bias
+        hidden, weight, logits, tokens, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        d = _chosen_grad(logits, tokens, lse, g, ctx.rows, ctx.temperature, True).flatten(0, -2)  # [N, V]
+        h = hidden.reshape(-1, hidden.shape[-1]).to(d.dtype)  # [N, H], as autocast cast it
+        grad_h = (d @ weight.to(d.dtype)).to(hidden.dtype).view(hidden.shape) if need_h else None
+        grad_w = None
+        if need_w and d.dtype == weight.dtype and _into_grad(weight):
+            weight.grad.addmm_(d.T, h)  # what AccumulateGrad would do, without the fresh [V, H] product
+        elif need_w:
+            grad_w = (d.T @ h).to(weight.dtype)
+        grad_b = d.sum(0).to(ctx.bias_dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def _into_grad(param: torch.Tensor) -> bool:
+    """Whether a backward may add `param`'s gradient into `param.grad` itself and give autograd None.
+
+    Only where autograd would do just that next (its AccumulateGrad adds `grad += new` in place, after
+    the backward allocated `new`): inside a `.backward()` that runs param's accumulation (not
+    `torch.autograd.grad`, nor `backward(inputs=...)` without param), onto an existing dense contiguous
+    `.grad` of param's dtype, with no hook on param (its hooks would see None) and no process group
+    (DDP's reducer hooks the accumulation where it cannot be seen from here).
+    """
+    grad = param.grad
+    if grad is None or grad.layout != torch.strided or grad.dtype != param.dtype:
+        return False
+    if not grad.is_contiguous() or param._backward_hooks or param._post_accumulate_grad_hooks:
+        return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False
+    try:  # raises inside torch.autograd.grad
+        return torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(param).node)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def _chosen_forward(logits, tokens, rows: int, temperature: float, entropy: bool):
+    """log softmax(logits / temperature)[tokens] chunk by chunk: [B, T, V], [B, T] -> log-probs [B, T]
+    float32, entropy [B, T] float32 or None, log-normalisers [B, T] float32 (what the backward needs)."""
+    lse = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)  # [B, T]
+    ent = torch.empty_like(lse) if entropy else None
+    step = max(1, rows // 16)  # smaller chunks here: one or two work tensors live at once
+    work = [_work(logits, step) for _ in range(2 if entropy else 1)]
+    for i in range(0, logits.shape[0], step):
+        chunk = logits[i : i + step]
+        x = _float32_scaled(chunk, temperature, work[0])  # [b, T, V]; `chunk` when nothing changes
+        lse[i : i + step], e = _normaliser(x, work, owned=x is not chunk, entropy=entropy)
+        if entropy:
+            ent[i : i + step] = e
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float() / temperature - lse, ent, lse
+
+
+def _chosen_grad(logits, tokens, lse, g, rows: int, temperature: float, consume: bool):
+    """The gradient of `_chosen_forward`'s log-probs: g [B, T] -> g * (onehot(tokens) - softmax) /
+    temperature [B, T, V] in the logits' dtype, `rows` rows at a time. With `consume` (the caller holds
+    the only reference to the logits, e.g. an LM head's fresh output) it is written over the logits
+    themselves: each chunk is read, then overwritten."""
+    if consume and logits.is_contiguous():
+        grad = logits
+    else:
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    in_place = logits.dtype == torch.float32  # float32: computed in the gradient tensor itself
+    work = None if in_place else _work(logits, rows)
+    for i in range(0, logits.shape[0], rows):
+        span = slice(i, i + rows)
+        gi = g[span].unsqueeze(-1).float() / temperature  # [b, T, 1]
+        out = grad[span] if in_place else work[: len(tokens[span])]
+        p = _float32_scaled(logits[span], temperature, out)
+        p = torch.sub(p, lse[span].unsqueeze(-1), out=out)  # in place but for float32 at T = 1
+        p.exp_().mul_(-gi).scatter_add_(-1, tokens[span].unsqueeze(-1), gi)  # g * (onehot - softmax) / T
+        if not in_place:
+            grad[span] = p  # cast into the logits' dtype
+    return grad
 
 
 def _normaliser(x: torch.Tensor, work: list, owned: bool, entropy: bool):
@@ -136,7 +210,8 @@ class _HeadLogp(torch.autograd.Function):
     temperature, then takes the two matmuls: three float32 passes over a chunk where autograd through a
     checkpointed chunk takes about ten (recompute, log-softmax and gather backward, their sum, casts),
     with its bookkeeping on every chunk. Matmuls run in `dtype` (autocast's, or the weight's); the
-    weight gradient is summed over the chunks in float32 (`_add_matmul`).
+    weight gradient is summed over the chunks in float32 (`_add_matmul`), into `weight.grad` itself
+    where autograd would add it there next (`_into_grad`).
     """
 
     @staticmethod
@@ -180,7 +255,11 @@ class _HeadLogp(torch.autograd.Function):
         b = bias.to(ctx.dtype) if bias is not None else None
         grad_h = torch.empty_like(hidden) if need_h else None
         acc = torch.promote_types(weight.dtype, torch.float32)  # float32 sums for bf16/fp16 weights
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        into = need_w and acc == weight.dtype and _into_grad(weight)  # summed in weight.grad itself
+        if into:
+            grad_w = weight.grad
+        else:
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         work = hidden.new_empty((min(ctx.rows, hidden.shape[0]), weight.shape[0]), dtype=torch.float32)
         for i in range(0, hidden.shape[0], ctx.rows):
@@ -195,6 +274,6 @@ class _HeadLogp(torch.autograd.Function):
                 _add_matmul(grad_w, d.T, h)
             if need_b:
                 grad_b += d.sum(0, dtype=acc)
-        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_w = grad_w.to(weight.dtype) if need_w and not into else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None, None, None

@@ -12,14 +12,20 @@ import weakref
 import torch
 import torch.utils.checkpoint
 
-from reinforce_lm.chosen_logp import _OUT_DTYPE, _add_matmul, _ChosenLogp, _HeadLogp  # noqa: F401 (re-exported)
+from reinforce_lm.chosen_logp import (  # noqa: F401 (re-exported)
+    _OUT_DTYPE,
+    _add_matmul,
+    _ChosenLogp,
+    _HeadLogp,
+    _LinearLogp,
+)
 from reinforce_lm.models import forward_kwargs, inner_model
 
 CHUNK_ELEMENTS = 1 << 24  # logits upcast to float32 at once: 64 MiB
 # The LM head runs in chunks only for logits of at least this many chunks (256 MiB of float32). Below
 # that the head runs in one piece, exactly as the model's forward would, and a plain linear head's
-# logits then become their own gradient (`_ChosenLogp`'s `consume`): on CPU one piece is ~1.4x faster
-# than chunks, whose backward runs the head's matmul again, for ~16x the memory (bench/head.py).
+# logits then become their own gradient (`_LinearLogp`): on CPU one piece is ~1.4x faster than chunks,
+# whose backward runs the head's matmul again, for ~16x the memory (bench/head.py).
 HEAD_CHUNKS_MIN = 4
 
 
@@ -40,13 +46,7 @@ def selective_log_softmax(
     processed a few at a time (at most CHUNK_ELEMENTS logits per chunk are upcast), forward and backward
     (`_ChosenLogp`).
     """
-    return _from_logits(logits, tokens, temperature, entropy)
-
-
-def _from_logits(logits, tokens, temperature: float, entropy: bool, consume: bool = False):
-    """`selective_log_softmax`; with `consume`, the backward may overwrite `logits` with their gradient
-    (only for logits that nothing else reads: see `_ChosenLogp`)."""
-    logp, ent = _ChosenLogp.apply(logits, tokens, _rows(logits), temperature, entropy, consume)
+    logp, ent = _ChosenLogp.apply(logits, tokens, _rows(logits), temperature, entropy)
     return (logp, ent) if entropy else logp
 
 
@@ -85,7 +85,7 @@ def token_logprobs(
             handle.remove()
     if "out" in taken:
         return taken["out"]
-    return _from_logits(out.logits[:, -(n_response + 1) : -1], tokens, temperature, entropy)
+    return selective_log_softmax(out.logits[:, -(n_response + 1) : -1], tokens, temperature, entropy)
 
 
 def _linear_head(head, own_hook: int | None = None) -> bool:
@@ -122,9 +122,12 @@ def head_logprobs(head, hidden, tokens, temperature: float = 1.0, entropy=False,
     vocab = getattr(head, "out_features", None) or getattr(head, "weight", torch.empty(1, 1)).shape[0]
     per_chunk = max(1, CHUNK_ELEMENTS // vocab)
     if B * T * vocab < HEAD_CHUNKS_MIN * CHUNK_ELEMENTS:  # one piece: the logits are small
-        # a plain linear head's output is read by nothing else: its gradient may overwrite it
-        consume = _linear_head(head, own_hook) and torch.is_grad_enabled()
-        return _from_logits(head(hidden), tokens, temperature, entropy, consume)
+        if not (torch.is_grad_enabled() and _linear_head(head, own_hook)):
+            return selective_log_softmax(head(hidden), tokens, temperature, entropy)
+        # a plain linear head in the same node: its logits become their own gradient (`_LinearLogp`)
+        rows = max(1, CHUNK_ELEMENTS // max(1, T * vocab))
+        logp, ent = _LinearLogp.apply(hidden, head.weight, head.bias, tokens, rows, temperature, entropy)
+        return (logp, ent) if entropy else logp
 
     if _linear_head(head, own_hook):  # in one autograd node, the logits never kept (`_HeadLogp`)
         device, dtype = hidden.device.type, head.weight.dtype

@@ -30,36 +30,71 @@ def test_selective_log_softmax_and_entropy_in_chunks(monkeypatch, elements):
     assert torch.allclose(ent, -(p * p.log()).sum(-1), atol=1e-5)
 
 
+def _spy_into_grad(monkeypatch):
+    """Record what `_into_grad` answers (whether a weight gradient went straight into .grad)."""
+    from reinforce_lm import chosen_logp
+
+    answers, real = [], chosen_logp._into_grad
+    monkeypatch.setattr(chosen_logp, "_into_grad", lambda p: answers.append(real(p)) or answers[-1])
+    return answers
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_consumed_logits_become_their_gradient(monkeypatch, dtype, temperature):
-    """With `consume` (an LM head's fresh output, read by nothing else) the backward writes the gradient
-    into the logits' own storage: the same gradient, no second [B, T, V] tensor; a second backward
-    through the same graph fails on the overwritten logits instead of using them."""
-    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 40)  # several chunks
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(13, 6, generator=g, requires_grad=True)
-    h = torch.randn(5, 3, 6, generator=g)
-    tokens = torch.randint(0, 13, (5, 3), generator=g)
-    grads, storages = [], []
+def test_a_one_piece_linear_head_consumes_its_logits_and_accumulates_in_place(
+    monkeypatch, dtype, temperature
+):
+    """A plain linear head below the chunking threshold runs in one autograd node (`_LinearLogp`): the
+    model's log-probs, entropy and gradients (hidden, weight, bias), over several micro-batches. From the
+    second backward on the weight gradient is added into weight.grad itself (no [V, H] temporary), and
+    the logits became their own gradient: a second backward through a graph fails instead of reading
+    them. `torch.autograd.grad` and a hooked weight still get the gradient returned, .grad untouched."""
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 40)  # softmax chunks of 3 rows, head in one piece
+    monkeypatch.setattr(logprobs, "HEAD_CHUNKS_MIN", 1 << 20)
+    answers = _spy_into_grad(monkeypatch)
+    torch.manual_seed(1)
+    V, H = 13, 6
+    head = torch.nn.Linear(H, V).to(dtype)
+    copy = torch.nn.Linear(H, V).to(dtype)
+    copy.load_state_dict(head.state_dict())
+    hs = [torch.randn(5, 3, H, dtype=dtype) for _ in range(3)]
+    toks = [torch.randint(0, V, (5, 3)) for _ in range(3)]
+    g = torch.arange(15.0).view(5, 3)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    got_h, want_h = [], []
+    for h, tk in zip(hs, toks, strict=True):  # three micro-batches of one step
+        h1, h2 = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+        lp, ent = logprobs.head_logprobs(head, h1, tk, temperature, entropy=True)
+        (lp * g).sum().backward()
+        logits = copy(h2).float() / temperature
+        want = logits.log_softmax(-1).gather(-1, tk[..., None]).squeeze(-1)
+        (want * g).sum().backward()
+        torch.testing.assert_close(lp, want, **tol)
+        p = logits.softmax(-1)
+        torch.testing.assert_close(ent, -(p * p.log()).sum(-1).detach(), **tol)
+        got_h.append(h1.grad), want_h.append(h2.grad)
+    assert answers == [False, True, True]  # .grad is None before the first backward
+    for a, b in [
+        *zip(got_h, want_h, strict=True),
+        (head.weight.grad, copy.weight.grad),
+        (head.bias.grad, copy.bias.grad),
+    ]:
+        assert a.dtype == b.dtype == dtype  # bf16: a few of its ulps at the largest value
+        torch.testing.assert_close(a, b, atol=tol["atol"] * max(1.0, b.abs().max().item()), rtol=0)
 
-    def keep(grad):
-        storages.append(grad.untyped_storage().data_ptr())
-        return grad
+    lp = logprobs.head_logprobs(head, hs[0], toks[0], temperature)
+    before = head.weight.grad.clone()
+    (gw,) = torch.autograd.grad(lp.sum(), head.weight, retain_graph=True)
+    assert torch.equal(head.weight.grad, before) and answers[-1] is False and gw.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        lp.sum().backward()  # the logits were overwritten by their gradient in the first one
 
-    for consume in (False, True):
-        logits = (h @ w.T).to(dtype)
-        logits.register_hook(keep)
-        ptr = logits.untyped_storage().data_ptr()
-        logp, ent = logprobs._from_logits(logits, tokens, temperature, True, consume)
-        (logp * torch.arange(15.0).view(5, 3)).sum().backward(retain_graph=True)
-        grads.append(w.grad.clone())
-        w.grad = None
-        assert (storages[-1] == ptr) == consume
-        if consume:
-            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-                logp.sum().backward()
-    assert torch.allclose(grads[0], grads[1], atol=0, rtol=0)
+    seen = []
+    head.weight.register_hook(lambda grad: seen.append(grad.clone()))
+    lp = logprobs.head_logprobs(head, hs[0], toks[0], temperature)
+    lp.sum().backward()
+    assert answers[-1] is False and torch.equal(seen[0], gw)
+    torch.testing.assert_close(head.weight.grad, before + gw, **tol)
 
 
 def test_selective_log_softmax_of_bf16_logits_is_float32():
