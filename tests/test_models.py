@@ -623,29 +623,42 @@ def _arch_config(name: str, V: int):
 @pytest.mark.parametrize(
     "arch", ["phi", "opt_proj", "gpt_neox", "bloom", "mixtral", "gemma", "gemma2_softcap"]
 )
-def test_chunked_head_on_other_architectures(monkeypatch, arch):
-    """token_logprobs in chunks, on heads with a bias, a projection before them, another name, tied
-    weights, MoE layers, or soft-capped logits: the log-probs and gradients of the model's own logits."""
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunks", "one-piece"])
+def test_the_head_paths_on_other_architectures(monkeypatch, arch, chunked):
+    """token_logprobs with the head in chunks or in one piece, on heads with a bias, a projection before
+    them, another name, tied weights, MoE layers, or soft-capped logits: the log-probs of the model's own
+    logits, and over two micro-batches' `.backward()` (the second adds the head's weight gradient into
+    .grad in place, next to a tied embedding's) the summed gradients of the model's own logits."""
     from transformers import AutoModelForCausalLM
 
     V = 61
     torch.manual_seed(0)
     model = models.disable_dropout(AutoModelForCausalLM.from_config(_arch_config(arch, V))).train()
-    ids = torch.randint(1, V, (3, 9))
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    n, weights = 5, torch.randn(3, 5)
-    want, _ = _model_logprobs(model, ids, mask, n)
-    want_grads = torch.autograd.grad((want * weights).sum(), list(model.parameters()), allow_unused=True)
-    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 2 * V)  # 2 tokens a chunk
+    params = list(model.parameters())
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(1, V, (3, 9))
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        batches.append((ids, mask, torch.randn(3, 5)))
+    n, want_grads = 5, [0.0] * len(params)
+    for ids, mask, weights in batches:
+        want, _ = _model_logprobs(model, ids, mask, n)
+        grads = torch.autograd.grad((want * weights).sum(), params, allow_unused=True)
+        want_grads = [a + b if b is not None else a for a, b in zip(want_grads, grads, strict=True)]
+    if chunked:
+        monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 2 * V)  # 2 tokens a chunk
+    answers = _spy_into_grad(monkeypatch)
     plain = logprobs._plain_head(model, ids[:1], mask[:1])
     assert (plain is None) == (arch == "gemma2_softcap")
-    got = logprobs.token_logprobs(model, ids, mask, n)
-    got_grads = torch.autograd.grad((got * weights).sum(), list(model.parameters()), allow_unused=True)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    for a, b in zip(got_grads, want_grads, strict=True):
-        if b is not None:
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for ids, mask, weights in batches:
+        got = logprobs.token_logprobs(model, ids, mask, n)
+        torch.testing.assert_close(got, _model_logprobs(model, ids, mask, n)[0], atol=1e-5, rtol=1e-5)
+        (got * weights).sum().backward()
+    assert answers == ([] if plain is None else [False, True])
+    for p, b in zip(params, want_grads, strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, b, atol=1e-5, rtol=1e-4)
 
 
 def test_gradient_checkpointing_on_a_model_without_support_is_a_config_error():
