@@ -87,11 +87,11 @@ def _into_grad(param: torch.Tensor) -> bool:
     Only where autograd would do just that next (its AccumulateGrad adds `grad += new` in place, after
     the backward allocated `new`): inside a `.backward()` that runs param's accumulation (not
     `torch.autograd.grad`, nor `backward(inputs=...)` without param), onto an existing dense contiguous
-    `.grad` of param's dtype, with no hook on param (its hooks would see None) and no process group
-    (DDP's reducer hooks the accumulation where it cannot be seen from here).
+    `.grad` of param's dtype (and no graph of its own), with no hook on param (its hooks would see None)
+    and no process group (DDP's reducer hooks the accumulation where it cannot be seen from here).
     """
     grad = param.grad
-    if grad is None or grad.layout != torch.strided or grad.dtype != param.dtype:
+    if grad is None or grad.layout != torch.strided or grad.dtype != param.dtype or grad.requires_grad:
         return False
     if not grad.is_contiguous() or param._backward_hooks or param._post_accumulate_grad_hooks:
         return False

@@ -1,5 +1,5 @@
 """A learned reward: a one-label sequence-classification model, scoring completions with its own
-tokenizer exactly as the reward stage (`reinforce-lm reward`) trained it (`data.load_preferences`).
+tokenizer exactly as the reward stage (`reinforce-lm reward`) trained it (`preferences.load_preferences`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .errors import RewardError
 
 class RewardModel:
     """A learned scalar reward, scoring with its own tokenizer (which may differ from the policy's) the
-    token ids the reward stage trains on (`data.load_preferences`): prompt+completion text, or for a
+    token ids the reward stage trains on (`preferences.load_preferences`): prompt+completion text, or for a
     prompt given as a conversation (the `messages_key` column) that conversation with the completion as
     the assistant's turn, rendered by its chat template (unless the reward stage recorded in its
     config that it trained on text pairs only). In batches, right-padded; a text longer than
@@ -73,7 +73,7 @@ class RewardModel:
         self._warned = False
 
     def token_ids(self, prompts: list[str], completions: list[str], chats=None) -> list[list[int]]:
-        """What is scored, as `data._pair_ids` tokenizes preference pairs (before any cut)."""
+        """What is scored, as `preferences._pair_ids` tokenizes preference pairs (before any cut)."""
         chats = chats if chats is not None else [None] * len(prompts)
         # A model `reinforce-lm reward` trained on text pairs scores text; others render conversations.
         templated = getattr(self.tokenizer, "chat_template", None) is not None

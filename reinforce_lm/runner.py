@@ -18,10 +18,9 @@ import torch
 from reinforce_lm import checkpoint, distributed
 from reinforce_lm.data import load_prompts
 from reinforce_lm.errors import ConfigError, DataError, ReinforceLMError, RewardError
+from reinforce_lm.lora import RefViaDisabledAdapter, apply_lora
 from reinforce_lm.metrics import MetricsLogger
 from reinforce_lm.models import (
-    RefViaDisabledAdapter,
-    apply_lora,
     disable_dropout,
     embedding_rows,
     enable_activation_checkpointing,

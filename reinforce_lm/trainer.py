@@ -31,8 +31,8 @@ from reinforce_lm.distributed import (
     saveable,
 )
 from reinforce_lm.errors import CheckpointError, TrainingError
+from reinforce_lm.lora import is_lora, lora_for_saving
 from reinforce_lm.metrics import MetricsLogger
-from reinforce_lm.models import is_lora, lora_for_saving
 
 Batch = dict[str, torch.Tensor]  # every tensor has the batch dimension first
 

@@ -11,9 +11,7 @@ import torch
 from reinforce_lm import toy
 from reinforce_lm.data import (
     IGNORE_INDEX,
-    collate_preferences,
     collate_sft,
-    load_preferences,
     load_prompts,
     load_sft,
     pack_sft,
@@ -22,6 +20,7 @@ from reinforce_lm.data import (
 )
 from reinforce_lm.errors import ConfigError, DataError
 from reinforce_lm.files import write_jsonl
+from reinforce_lm.preferences import collate_preferences, load_preferences
 
 ROWS = [
     {"prompt": "a?", "letter": "a", "n": 1},

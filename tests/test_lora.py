@@ -11,12 +11,8 @@ from reinforce_lm.config import TrainConfig
 from reinforce_lm.distributed import Dist
 from reinforce_lm.files import write_jsonl
 from reinforce_lm.logprobs import token_logprobs
-from reinforce_lm.models import (
-    RefViaDisabledAdapter,
-    apply_lora,
-    forward_kwargs,
-    load_causal_lm,
-)
+from reinforce_lm.lora import RefViaDisabledAdapter, apply_lora
+from reinforce_lm.models import forward_kwargs, load_causal_lm
 from reinforce_lm.runner import load_reference
 
 peft = pytest.importorskip("peft")

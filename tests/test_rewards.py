@@ -324,7 +324,8 @@ def test_reward_model_scores_conversations_as_the_reward_stage_trained_on_them(r
     """A prompt given as messages is scored as that conversation with the completion as the assistant's
     turn, rendered by the reward model's template (end-of-turn text included), the token ids that
     `reward` trains on; a text prompt as prompt + completion text."""
-    from reinforce_lm.data import _pair_ids, load_prompts
+    from reinforce_lm.data import load_prompts
+    from reinforce_lm.preferences import _pair_ids
 
     rm = RewardModel(reward_model_dir)
     chat = [{"role": "user", "content": "say a"}]

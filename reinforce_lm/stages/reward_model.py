@@ -19,9 +19,10 @@ from reinforce_lm import algorithms as A
 from reinforce_lm import distributed
 from reinforce_lm.cli import register
 from reinforce_lm.config import EngineConfig, _f, _positive
-from reinforce_lm.data import collate_preferences, load_preferences, split_eval, step_indices
+from reinforce_lm.data import split_eval, step_indices
 from reinforce_lm.distributed import Dist, rank_chunks, unwrap
 from reinforce_lm.errors import ConfigError
+from reinforce_lm.preferences import collate_preferences, load_preferences
 from reinforce_lm.stages.sft import reshard, resolve_eval_every
 
 
