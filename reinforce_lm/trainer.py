@@ -50,11 +50,11 @@ class Stage(Protocol):
     def collect(self, step: int) -> tuple[Batch, dict[str, float]]:
         """This rank's batch for `step` (rollouts, or a batch of examples) and its metrics."""
 
-    def loss(
-        self, micro: Batch, normalizer: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, micro: Batch, normalizer: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one micro-batch, already divided by the global `normalizer` ('tokens', 'seqs') so that
-        summing over micro-batches and processes gives the minibatch loss. Metrics are additive likewise."""
+        summing over micro-batches and processes gives the minibatch loss. Metrics are additive likewise
+        (the loop averages them over the step's optimiser updates: `normalizer['update']` of
+        `normalizer['updates']`, 0 while the policy is still the one that collected the batch)."""
 
     def evaluate(self) -> dict[str, float]: ...
 
@@ -228,10 +228,14 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
             order_gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
             for epoch in range(stage.updates_per_batch):
                 index = torch.arange(n) if epoch == 0 else torch.randperm(n, generator=order_gen)
-                for mb in split(batch, index, stage.minibatches):
+                minibatches = split(batch, index, stage.minibatches)
+                for mb in minibatches:
                     normalizer = {
                         "tokens": d.reduce_sum(mb["mask"].sum().double()).clamp(min=1),
                         "seqs": d.reduce_sum(torch.tensor(float(mb["mask"].shape[0]), dtype=torch.double)),
+                        # which optimiser update of the step this is (0: the policy that sampled), of how many
+                        "update": n_updates,
+                        "updates": stage.updates_per_batch * len(minibatches),
                     }
                     micros = split(
                         mb, torch.arange(len(mb["mask"])), -(-len(mb["mask"]) // cfg.micro_batch_size)

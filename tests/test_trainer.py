@@ -887,6 +887,40 @@ def test_the_sampler_and_the_update_agree_and_a_disagreement_is_reported(task, t
         assert len(said) == warned and all("on average" in m for m in said)
 
 
+@pytest.mark.parametrize(
+    "kw", [dict(updates_per_batch=2, minibatches=2), dict(algorithm="ppo")], ids=["reused-batch", "ppo"]
+)
+def test_a_reused_batch_reports_the_gap_of_its_first_update(task, tmp_path, monkeypatch, kw):
+    """Off-policy (PPO, or a batch reused over several updates), the old log-probs are the sampler's:
+    before the first update moves the policy, the update's log-probs must equal them. `logp_gap` is that
+    first update's mean gap (not diluted by the later updates, where the policy has moved), and a sampler
+    that is off is warned about, as on-policy."""
+    import warnings
+
+    from reinforce_lm import rollout
+
+    run_train(config(task, tmp_path / "same", steps=2, **kw))
+    rows = [r for r in read_metrics(tmp_path / "same" / "metrics.jsonl") if r["step"] > 0]
+    assert all(0 <= r["logp_gap"] < 1e-5 for r in rows)
+    assert rows[-1]["clip_fraction"] > 0 or kw.get("algorithm") == "ppo"  # later updates moved the policy
+
+    sample = rollout.Sampler.sample
+
+    def off(self, *args, **kw):
+        r = sample(self, *args, **kw)
+        r.logp = r.logp + 0.01
+        return r
+
+    monkeypatch.setattr(rollout.Sampler, "sample", off)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_train(config(task, tmp_path / "off", steps=2, **kw))
+    said = [str(w.message) for w in caught if "between the sampler and the update" in str(w.message)]
+    assert len(said) == 1 and "up to 0.01" in said[0]
+    rows = [r for r in read_metrics(tmp_path / "off" / "metrics.jsonl") if r["step"] > 0]
+    assert all(r["logp_gap"] == pytest.approx(0.01, rel=1e-3) for r in rows)
+
+
 def test_tf32_set_through_the_newer_torch_api_does_not_break_the_gap_check(task, tmp_path, monkeypatch):
     """torch refuses the legacy TF32 reads once `torch.backends.*.fp32_precision` was set; the check
     then reads the new setting (here: TF32 on, so float32 is not exact and only the mean is checked)."""

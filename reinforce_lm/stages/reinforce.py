@@ -93,6 +93,7 @@ class ReinforceStage:
         self.off_policy = cfg.updates_per_batch > 1 or cfg.minibatches > 1
         self._kl_from_loss = False  # set by collect: the KL metric comes from the loss (see `loss`)
         self._gap_warned = False  # the sampler's log-probs against the update's (see `loss`)
+        self._old_sampled = False  # whether old log-probs are the sampler's (set per batch)
 
     # -- the loop's interface ------------------------------------------------------------------
     def param_groups(self):
@@ -150,6 +151,7 @@ class ReinforceStage:
         mask, T = r.response_mask, r.response_ids.shape[1]
         ids, attn = r.input_ids, r.attention_mask
         old_logp = r.logp
+        self._old_sampled = old_logp is not None  # the sampler's own log-probs (see `loss`)
         rows = cfg.micro_batch_size  # no-grad forwards go micro-batch by micro-batch too
         if old_logp is None and need_old_logp:
             old_logp = in_chunks(
@@ -272,9 +274,13 @@ class ReinforceStage:
             metrics["kl_loss"] = kl_loss.item()
             if self._kl_from_loss:  # no sampling log-probs (hf backend): the on-policy KL is this one
                 metrics["kl"] = ((kl.detach() * mask).sum() / tok).item()
-        if "sample_logp" in micro:  # on-policy, the update's log-probs are the sampler's, up to rounding
-            gap = (logp.detach() - micro["sample_logp"]).abs() * mask  # [b, T]
-            metrics["logp_gap"] = (gap.sum() / tok).item()
+        sampled = micro.get("sample_logp")  # on-policy: the update's log-probs are these, up to rounding
+        if sampled is None and old is not None and self._old_sampled and normalizer.get("update") == 0:
+            sampled = old  # a reused batch (PPO) before its first update: the sampler's log-probs too
+        if sampled is not None:
+            gap = (logp.detach() - sampled).abs() * mask  # [b, T]
+            # the loop averages metrics over the step's updates; this one is the first update's alone
+            metrics["logp_gap"] = (gap.sum() / tok).item() * normalizer.get("updates", 1)
             if not self._gap_warned:  # every micro-batch until it warns (LoRA dropout shows from step 2)
                 self._gap_warned = self._check_gap(gap.max().item(), (gap.sum() / mask.sum().clamp(1)).item())
         if old is not None:
