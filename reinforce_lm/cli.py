@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib
 import os
 import sys
@@ -73,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"reinforce-lm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = {}  # name -> its sub-parser, to name an unknown flag's nearest one (`_parse`)
     for name, (cls, help, _) in COMMANDS.items():
-        add_config_flags(sub.add_parser(name, help=help, description=help), cls)
+        parser.commands[name] = sub.add_parser(name, help=help, description=help)
+        add_config_flags(parser.commands[name], cls)
     about = "Train a tiny local model on a built-in task and show reward rising."
     demo = sub.add_parser(
         "demo", help=about, description=about + " SFT, reward model, then RLOO; no download."
@@ -82,7 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default=None, help="Keep the demo's files here (default: a temp dir).")
     demo.add_argument("--steps", type=int, default=None, help="RL steps (default: the demo's own).")
     demo.add_argument("--seed", type=int, default=0)
+    parser.commands["demo"] = demo
     return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args`, but an unknown flag is reported by its command with the nearest known flag
+    (`--estimater` -> `--estimator`), as an unknown YAML key is."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = getattr(parser, "commands", {}).get(args.command, parser)
+        flags = [f for a in command._actions for f in a.option_strings if f.startswith("--")]
+        hints = []
+        for u in unknown:
+            flag = u.split("=", 1)[0]
+            if flag.startswith("--") and (near := difflib.get_close_matches(flag, flags, n=1)):
+                hints.append(f"{near[0]} for {flag}")
+        command.error(
+            f"unrecognized arguments: {' '.join(unknown)}"
+            + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+        )
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("reinforce-lm: interrupted", file=sys.stderr)
         sys.exit(130)
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:

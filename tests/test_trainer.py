@@ -612,6 +612,23 @@ def test_unknown_config_key_suggests_the_nearest(task, tmp_path, capsys):
     assert "samples_per_promt" in err and "samples_per_prompt" in err
 
 
+@pytest.mark.parametrize(
+    "argv,said",
+    [
+        (["train", "--estimater", "rloo"], "(did you mean --estimator for --estimater?)"),
+        (["sft", "--max-lenght=64"], "(did you mean --max-length for --max-lenght?)"),
+        (["demo", "--sed", "3"], "(did you mean --seed for --sed?)"),
+        (["eval", "--zzzz"], "unrecognized arguments: --zzzz\n"),
+    ],
+)
+def test_an_unknown_flag_names_the_nearest_one(argv, said, capsys):
+    """A misspelt flag is an error of its command (its usage line), naming the nearest flag it has."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"reinforce-lm {argv[0]}: error:" in err and said in err, err
+
+
 def test_an_empty_yaml_reward_says_no_reward(task, tmp_path, capsys):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(f"model: {task / 'model'}\nprompts: {task / 'prompts.jsonl'}\nreward:\n")
