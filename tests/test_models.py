@@ -97,6 +97,30 @@ def test_a_one_piece_linear_head_consumes_its_logits_and_accumulates_in_place(
     torch.testing.assert_close(head.weight.grad, before + gw, **tol)
 
 
+def test_a_one_piece_linear_head_under_bf16_autocast(monkeypatch):
+    """float32 weights under bf16 autocast: the head's matmul in bf16 as autocast runs it, log-probs in
+    float32, float32 gradients returned (not added in place: the product is bf16), over two backwards."""
+    monkeypatch.setattr(logprobs, "HEAD_CHUNKS_MIN", 1 << 20)
+    answers = _spy_into_grad(monkeypatch)
+    torch.manual_seed(2)
+    head, copy = torch.nn.Linear(6, 13), torch.nn.Linear(6, 13)
+    copy.load_state_dict(head.state_dict())
+    for _ in range(2):
+        h = torch.randn(4, 3, 6)
+        tk = torch.randint(0, 13, (4, 3))
+        h1, h2 = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp = logprobs.head_logprobs(head, h1, tk, 0.8)
+            want = (copy(h2).float() / 0.8).log_softmax(-1).gather(-1, tk[..., None]).squeeze(-1)
+        lp.sum().backward(), want.sum().backward()
+        torch.testing.assert_close(lp, want, atol=1e-5, rtol=1e-5)
+        assert h1.grad.dtype == torch.float32
+        torch.testing.assert_close(h1.grad, h2.grad, atol=1e-2, rtol=1e-2)
+    assert answers == [] and head.weight.grad.dtype == torch.float32
+    for a, b in ((head.weight.grad, copy.weight.grad), (head.bias.grad, copy.bias.grad)):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+
+
 def test_selective_log_softmax_of_bf16_logits_is_float32():
     logits = torch.randn(4, 2, 11).bfloat16()
     tokens = torch.randint(0, 11, (4, 2))
