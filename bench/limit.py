@@ -1,7 +1,7 @@
 """How close a reinforce-lm step is to the work it cannot avoid, and where its memory goes.
 
-    /work/venv/bin/python bench/limit.py                         # both models, beta 0 and 0.05
-    /work/venv/bin/python bench/limit.py --models medium --repeats 5
+    python bench/limit.py                         # both models, beta 0 and 0.05
+    python bench/limit.py --models medium --repeats 5
 
 The step is split into its necessary parts, each timed alone in plain PyTorch on the same model and
 sizes as `bench/vs_trl.py`:
