@@ -284,3 +284,13 @@ def step_indices(n: int, step: int, batch_size: int, rank: int, world_size: int,
     resume), and N processes together read exactly what one process reads. [batch_size // world_size]"""
     per_rank = batch_size // world_size
     return epoch_indices(n, step * batch_size + rank * per_rank, per_rank, seed)
+
+
+def __getattr__(name: str):
+    """`data.load_preferences` and `data.collate_preferences` moved to `preferences.py` (which imports
+    this module, so they are found here on first use)."""
+    if name in ("load_preferences", "collate_preferences"):
+        from . import preferences
+
+        return getattr(preferences, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,6 +14,7 @@ import torch
 
 from reinforce_lm.checkpoint import AS_LOADED, STATE_FILE, latest_checkpoint
 from reinforce_lm.errors import ConfigError
+from reinforce_lm.lora import RefViaDisabledAdapter, apply_lora, is_lora, lora_for_saving  # noqa: F401 (moved)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What some tokenizer class reads: fast (tokenizer.json), BPE (vocab.json), WordPiece (vocab.txt),

@@ -351,3 +351,14 @@ def test_split_eval_is_deterministic_and_disjoint():
     assert len(split_eval([1, 2, 3], 0.01, seed=0)[1]) == 1
     with pytest.raises(ConfigError, match="eval_fraction"):
         split_eval(items, 1.0, seed=0)
+
+
+def test_moved_names_still_import_from_their_old_modules():
+    """Preference loading moved to preferences.py and LoRA to lora.py; the old import paths still work."""
+    from reinforce_lm import data, lora, models, preferences
+
+    assert data.load_preferences is preferences.load_preferences
+    assert data.collate_preferences is preferences.collate_preferences
+    assert models.apply_lora is lora.apply_lora and models.RefViaDisabledAdapter is lora.RefViaDisabledAdapter
+    with pytest.raises(AttributeError, match="no attribute 'load_prefs'"):
+        data.load_prefs  # noqa: B018
