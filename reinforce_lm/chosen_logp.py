@@ -93,12 +93,13 @@ def _into_grad(param: torch.Tensor) -> bool:
     grad = param.grad
     if grad is None or grad.layout != torch.strided or grad.dtype != param.dtype or grad.requires_grad:
         return False
-    if not grad.is_contiguous() or param._backward_hooks or param._post_accumulate_grad_hooks:
+    hooks = getattr(param, "_backward_hooks", None), getattr(param, "_post_accumulate_grad_hooks", None)
+    if not grad.is_contiguous() or any(hooks):
         return False
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return False
-    try:  # raises inside torch.autograd.grad
-        return torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(param).node)
+    try:  # raises inside torch.autograd.grad; private, so a torch without it just keeps the default
+        return bool(torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(param).node))
     except (RuntimeError, AttributeError):
         return False
 

@@ -97,6 +97,23 @@ def test_a_one_piece_linear_head_consumes_its_logits_and_accumulates_in_place(
     torch.testing.assert_close(head.weight.grad, before + gw, **tol)
 
 
+def test_without_torchs_private_engine_query_the_gradient_is_returned(monkeypatch):
+    """`_into_grad` leans on a private torch function; a torch without it gets the plain behaviour
+    (the weight gradient returned to autograd), with the same gradients."""
+    monkeypatch.setattr(logprobs, "HEAD_CHUNKS_MIN", 1 << 20)
+    monkeypatch.delattr(torch._C, "_will_engine_execute_node")
+    answers = _spy_into_grad(monkeypatch)
+    torch.manual_seed(3)
+    head, copy = torch.nn.Linear(6, 13), torch.nn.Linear(6, 13)
+    copy.load_state_dict(head.state_dict())
+    for _ in range(2):
+        h, tk = torch.randn(4, 3, 6), torch.randint(0, 13, (4, 3))
+        logprobs.head_logprobs(head, h, tk).sum().backward()
+        copy(h).log_softmax(-1).gather(-1, tk[..., None]).sum().backward()
+    assert answers == [False, False]
+    torch.testing.assert_close(head.weight.grad, copy.weight.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_a_one_piece_linear_head_under_bf16_autocast(monkeypatch):
     """float32 weights under bf16 autocast: the head's matmul in bf16 as autocast runs it, log-probs in
     float32, float32 gradients returned (not added in place: the product is bf16), over two backwards."""
