@@ -860,82 +860,61 @@ def test_generation_batch_size_does_not_change_the_run(task, tmp_path):
     assert ra == read_metrics(tmp_path / "chunked" / "metrics.jsonl")[-1]["reward_mean"]
 
 
-def test_the_sampler_and_the_update_agree_and_a_disagreement_is_reported(task, tmp_path, monkeypatch):
-    """On-policy, `logp_gap` (the update's log-probs against what the sampler recorded) is float32
-    rounding; a sampler whose log-probs are off (a model that decodes differently with its cache) gets
-    one warning naming the size of the gap."""
-    import warnings
-
+def _sampler_off_by(monkeypatch, offset: float) -> None:
+    """Make the sampler record log-probs `offset` above the true ones (a model that decodes differently
+    with its cache than in one forward)."""
     from reinforce_lm import rollout
 
-    run_train(config(task, tmp_path / "same", steps=2))
-    rows = [r for r in read_metrics(tmp_path / "same" / "metrics.jsonl") if r["step"] > 0]
-    assert all(0 <= r["logp_gap"] < 1e-5 for r in rows)
-
-    sample = rollout.Sampler.sample
+    sample = getattr(rollout.Sampler.sample, "unshifted", rollout.Sampler.sample)  # not offsets on offsets
 
     def off(self, *args, **kw):
         r = sample(self, *args, **kw)
-        r.logp = r.logp + 0.01
+        r.logp = r.logp + offset
         return r
 
+    off.unshifted = sample
     monkeypatch.setattr(rollout.Sampler, "sample", off)
+
+
+def _gap_warnings(cfg) -> list[str]:
+    """The sampler-against-update warnings that `run_train(cfg)` gives."""
+    import warnings
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run_train(config(task, tmp_path / "off", steps=2))
-    said = [str(w.message) for w in caught if "between the sampler and the update" in str(w.message)]
-    assert len(said) == 1 and "up to 0.01" in said[0]
-    rows = [r for r in read_metrics(tmp_path / "off" / "metrics.jsonl") if r["step"] > 0]
-    assert all(r["logp_gap"] == pytest.approx(0.01, rel=1e-3) for r in rows)
-
-    # bf16 rounds: 0.01 on average is within what it explains, 0.05 is not
-    for offset, warned in ((0.01, 0), (0.05, 1)):
-
-        def shifted(self, *args, offset=offset, **kw):
-            r = sample(self, *args, **kw)
-            r.logp = r.logp + offset
-            return r
-
-        monkeypatch.setattr(rollout.Sampler, "sample", shifted)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            run_train(config(task, tmp_path / f"bf16-{offset}", steps=1, mixed_precision="bf16"))
-        said = [str(w.message) for w in caught if "between the sampler and the update" in str(w.message)]
-        assert len(said) == warned and all("on average" in m for m in said)
+        run_train(cfg)
+    return [str(w.message) for w in caught if "between the sampler and the update" in str(w.message)]
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(updates_per_batch=2, minibatches=2), dict(algorithm="ppo")], ids=["reused-batch", "ppo"]
+    "kw",
+    [dict(), dict(updates_per_batch=2, minibatches=2), dict(algorithm="ppo")],
+    ids=["on-policy", "reused-batch", "ppo"],
 )
-def test_a_reused_batch_reports_the_gap_of_its_first_update(task, tmp_path, monkeypatch, kw):
-    """Off-policy (PPO, or a batch reused over several updates), the old log-probs are the sampler's:
-    before the first update moves the policy, the update's log-probs must equal them. `logp_gap` is that
-    first update's mean gap (not diluted by the later updates, where the policy has moved), and a sampler
-    that is off is warned about, as on-policy."""
-    import warnings
-
-    from reinforce_lm import rollout
-
+def test_the_sampler_and_the_update_agree_and_a_disagreement_is_reported(task, tmp_path, monkeypatch, kw):
+    """`logp_gap` (the update's log-probs against what the sampler recorded) is float32 rounding; a
+    sampler whose log-probs are off gets one warning naming the size of the gap. Off-policy (PPO, or a
+    batch reused over several updates) the old log-probs are the sampler's, and the gap is the first
+    update's, before it moves the policy (not diluted by the later updates)."""
     run_train(config(task, tmp_path / "same", steps=2, **kw))
     rows = [r for r in read_metrics(tmp_path / "same" / "metrics.jsonl") if r["step"] > 0]
     assert all(0 <= r["logp_gap"] < 1e-5 for r in rows)
-    assert rows[-1]["clip_fraction"] > 0 or kw.get("algorithm") == "ppo"  # later updates moved the policy
+    if "updates_per_batch" in kw:
+        assert rows[-1]["clip_fraction"] > 0  # the later updates moved the policy
 
-    sample = rollout.Sampler.sample
-
-    def off(self, *args, **kw):
-        r = sample(self, *args, **kw)
-        r.logp = r.logp + 0.01
-        return r
-
-    monkeypatch.setattr(rollout.Sampler, "sample", off)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        run_train(config(task, tmp_path / "off", steps=2, **kw))
-    said = [str(w.message) for w in caught if "between the sampler and the update" in str(w.message)]
+    _sampler_off_by(monkeypatch, 0.01)
+    said = _gap_warnings(config(task, tmp_path / "off", steps=2, **kw))
     assert len(said) == 1 and "up to 0.01" in said[0]
     rows = [r for r in read_metrics(tmp_path / "off" / "metrics.jsonl") if r["step"] > 0]
     assert all(r["logp_gap"] == pytest.approx(0.01, rel=1e-3) for r in rows)
+
+    if kw:
+        return
+    # bf16 rounds: 0.01 on average is within what it explains, 0.05 is not
+    for offset, warned in ((0.01, 0), (0.05, 1)):
+        _sampler_off_by(monkeypatch, offset)
+        said = _gap_warnings(config(task, tmp_path / f"bf16-{offset}", steps=1, mixed_precision="bf16"))
+        assert len(said) == warned and all("on average" in m for m in said)
 
 
 def test_tf32_set_through_the_newer_torch_api_does_not_break_the_gap_check(task, tmp_path, monkeypatch):
@@ -954,8 +933,6 @@ def test_tf32_set_through_the_newer_torch_api_does_not_break_the_gap_check(task,
 
 def test_a_gap_that_appears_after_the_first_step_is_reported(task, tmp_path, monkeypatch):
     """LoRA dropout shows only once the adapters have moved off zero: the check runs on until it warns."""
-    import warnings
-
     from reinforce_lm import rollout
 
     sample, calls = rollout.Sampler.sample, []
@@ -968,8 +945,4 @@ def test_a_gap_that_appears_after_the_first_step_is_reported(task, tmp_path, mon
         return r
 
     monkeypatch.setattr(rollout.Sampler, "sample", later)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        run_train(config(task, tmp_path, steps=3))
-    said = [str(w.message) for w in caught if "between the sampler and the update" in str(w.message)]
-    assert len(said) == 1
+    assert len(_gap_warnings(config(task, tmp_path, steps=3))) == 1
