@@ -1,7 +1,8 @@
 """The autograd kernels behind `logprobs`: log softmax(logits / temperature) of chosen tokens in float32
-(and the entropy), chunk by chunk, without float32 `[B, T, V]` copies; from given logits (`_ChosenLogp`)
-or from a linear LM head's inputs (`_HeadLogp`, whose logits are never kept). Pure tensor maths: no
-model, no I/O; chunk sizes are the caller's.
+(and the entropy), chunk by chunk, without float32 `[B, T, V]` copies; from given logits (`_ChosenLogp`),
+or from a plain linear LM head's inputs, in one piece with the head's matmul in the same node
+(`_LinearLogp`) or in chunks whose logits are never kept (`_HeadLogp`). Pure tensor maths: no model, no
+I/O; chunk sizes are the caller's.
 """
 
 from __future__ import annotations
@@ -70,13 +71,14 @@ class _LinearLogp(torch.autograd.Function):
         hidden, weight, logits, tokens, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         d = _chosen_grad(logits, tokens, lse, g, ctx.rows, ctx.temperature, True).flatten(0, -2)  # [N, V]
-        h = hidden.reshape(-1, hidden.shape[-1]).to(d.dtype)  # [N, H], as autocast cast it
         grad_h = (d @ weight.to(d.dtype)).to(hidden.dtype).view(hidden.shape) if need_h else None
         grad_w = None
-        if need_w and d.dtype == weight.dtype and _into_grad(weight):
-            weight.grad.addmm_(d.T, h)  # what AccumulateGrad would do, without the fresh [V, H] product
-        elif need_w:
-            grad_w = (d.T @ h).to(weight.dtype)
+        if need_w:
+            h = hidden.reshape(-1, hidden.shape[-1]).to(d.dtype)  # [N, H], as autocast cast it
+            if d.dtype == weight.dtype and _into_grad(weight):
+                weight.grad.addmm_(d.T, h)  # what AccumulateGrad would do, without a fresh [V, H] product
+            else:
+                grad_w = (d.T @ h).to(weight.dtype)
         grad_b = d.sum(0).to(ctx.bias_dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None, None
 
