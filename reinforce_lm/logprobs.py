@@ -29,11 +29,10 @@ CHUNK_ELEMENTS = 1 << 24  # logits upcast to float32 at once: 64 MiB
 HEAD_CHUNKS_MIN = 4
 
 
-def _rows(logits: torch.Tensor, elements: int | None = None) -> int:
-    """Rows of `logits` [B, T, V] per chunk so that a chunk holds at most `elements` (default
-    CHUNK_ELEMENTS, read at the call) values."""
-    elements = CHUNK_ELEMENTS if elements is None else elements
-    return max(1, elements // max(1, logits.shape[1] * logits.shape[2]))
+def _rows(T: int, V: int) -> int:
+    """Rows of [B, T, V] logits per chunk so that a chunk holds at most CHUNK_ELEMENTS (read at the
+    call) values."""
+    return max(1, CHUNK_ELEMENTS // max(1, T * V))
 
 
 def selective_log_softmax(
@@ -46,7 +45,7 @@ def selective_log_softmax(
     processed a few at a time (at most CHUNK_ELEMENTS logits per chunk are upcast), forward and backward
     (`_ChosenLogp`).
     """
-    logp, ent = _ChosenLogp.apply(logits, tokens, _rows(logits), temperature, entropy)
+    logp, ent = _ChosenLogp.apply(logits, tokens, _rows(*logits.shape[1:]), temperature, entropy)
     return (logp, ent) if entropy else logp
 
 
@@ -125,7 +124,7 @@ def head_logprobs(head, hidden, tokens, temperature: float = 1.0, entropy=False,
         if not (torch.is_grad_enabled() and _linear_head(head, own_hook)):
             return selective_log_softmax(head(hidden), tokens, temperature, entropy)
         # a plain linear head in the same node: its logits become their own gradient (`_LinearLogp`)
-        rows = max(1, CHUNK_ELEMENTS // max(1, T * vocab))
+        rows = _rows(T, vocab)
         logp, ent = _LinearLogp.apply(hidden, head.weight, head.bias, tokens, rows, temperature, entropy)
         return (logp, ent) if entropy else logp
 
