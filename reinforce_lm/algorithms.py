@@ -207,8 +207,10 @@ def kl_divergence(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) ->
 
     Gradients, as a loss term on samples of pi (exact enumeration, tests/test_algorithms.py; Tang & Munos
     2025): ``k2`` gives the gradient of KL(pi || ref), ``k3`` that of the reverse direction KL(ref || pi),
-    ``k1`` zero in expectation (E_pi[grad log pi] = 0), so ``k1`` belongs in the reward, detached, where
-    (with the score-function gradient) it gives the gradient of KL(pi || ref).
+    ``k1`` zero in expectation (E_pi[grad log pi] = 0). Per token: each position's KL with its prefix
+    held fixed, not the sequence KL, which also moves through the prefix's probability. ``k1`` belongs
+    in the reward, detached, where (with the score-function gradient) it gives the gradient of the
+    sequence's KL(pi || ref).
     """
     _check("KL estimator", estimator, KL_ESTIMATORS)
     log_ratio = logp - ref_logp

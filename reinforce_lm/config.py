@@ -191,14 +191,15 @@ class TrainConfig(EngineConfig):
     kl_estimator: str = _f(
         "k3",
         "KL estimator: k1 (log-ratio), k2 (half squared log-ratio), k3 (Schulman). In the loss, k2's "
-        "gradient is that of KL(policy||ref), k3's that of KL(ref||policy); in the reward, k1 gives "
-        "KL(policy||ref). REINFORCE only: PPO always puts k1 in the per-token reward (InstructGPT).",
+        "gradient is that of each token's KL(policy||ref), k3's that of KL(ref||policy); in the reward, "
+        "k1 gives the sequence's KL(policy||ref). REINFORCE only: PPO always puts k1 in the per-token "
+        "reward (InstructGPT).",
     )
     kl_in: str = _f(
         "loss", "Where the KL goes: reward (subtracted from the score) or loss (added to it). REINFORCE only."
     )
     credit: str = _f("sequence", "sequence (one advantage per completion) or token (reward-to-go).")
-    gamma: float = _f(1.0, "Discount for token-level returns.")
+    gamma: float = _f(1.0, "Discount of token-level returns (--credit token; PPO: GAE's gamma).")
     loss_agg: str = _f("token-mean", "Loss aggregation: " + ", ".join(LOSS_AGG_MODES) + ".")
     updates_per_batch: int = _f(1, "Passes (epochs) over each batch of rollouts; >1 uses ratio clipping.")
     minibatches: int = _f(1, "Optimiser steps per pass over a batch of rollouts.")
@@ -275,6 +276,11 @@ class TrainConfig(EngineConfig):
             raise ConfigError(
                 "kl_estimator k1 in the loss has zero expected gradient (E[grad log pi] = 0): it adds noise, "
                 "not a KL penalty. Use --kl-in reward with k1, or --kl-estimator k2 or k3 in the loss"
+            )
+        if self.algorithm == "reinforce" and self.gamma < 1 and self.credit == "sequence":
+            raise ConfigError(
+                f"gamma={self.gamma} discounts token-level returns, but credit is 'sequence' (every token "
+                "gets the whole score, undiscounted): pass --credit token, or leave gamma at 1"
             )
         group_estimators = ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline")
         if (

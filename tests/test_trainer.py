@@ -141,6 +141,16 @@ def test_k1_in_the_loss_is_refused(task, tmp_path):
     config(task, tmp_path, beta=0.0, kl_in="loss", kl_estimator="k1")  # no KL term: nothing to refuse
 
 
+@pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp"])
+def test_a_discount_without_token_credit_is_refused(task, tmp_path, estimator):
+    """Under sequence credit every token gets the whole score, so gamma < 1 would be ignored by most
+    estimators and applied by reinforce_pp*'s returns: refused for all, accepted with token credit."""
+    with pytest.raises(ConfigError, match="gamma=0.9 discounts token-level returns.*--credit token"):
+        config(task, tmp_path, estimator=estimator, gamma=0.9)
+    config(task, tmp_path, estimator=estimator, gamma=0.9, credit="token")
+    config(task, tmp_path, algorithm="ppo", gamma=0.9)  # GAE's discount
+
+
 def test_off_policy_updates_use_ratio_clipping(task, tmp_path):
     run_train(config(task, tmp_path, steps=2, updates_per_batch=2, minibatches=2))
     assert "clip_fraction" in read_metrics(tmp_path / "metrics.jsonl")[-1]
