@@ -201,7 +201,7 @@ class Sampler:
     def _sample(self, model, prompts, group_ids, k: int, row_seed=None, greedy: bool = False) -> Rollout:
         device = next(model.parameters()).device
         ids, mask = self.encode(list(prompts), device)  # [P, Lp]
-        _check_ids(ids, mask, model, prompts)
+        _check_ids(ids, mask, model, prompts, self.pad_id)
         was_training = model.training
         model.eval()
         try:
@@ -369,15 +369,22 @@ class Sampler:
         return resp
 
 
-def _check_ids(ids: torch.Tensor, mask: torch.Tensor, model, prompts) -> None:
+def _check_ids(ids: torch.Tensor, mask: torch.Tensor, model, prompts, pad_id: int) -> None:
     """Token ids past the model's embedding (a tokenizer with tokens the model was never resized for)
-    would be an index error deep inside the forward; name the prompt and the token instead."""
+    would be an index error deep inside the forward; name the prompt and the token instead. The pad id
+    too: it is fed to finished rows and pads the responses, so it would fail later, at random."""
     rows = embedding_rows(model)
-    if rows is None or int(ids.max()) < rows:  # a model that does not say: its forward will tell
+    if rows is None:  # a model that does not say: its forward will tell
+        return
+    if pad_id >= rows:
+        raise DataError(
+            f"the pad token id {pad_id} is past the model's embedding ({rows} rows): the tokenizer has "
+            "tokens the model was not resized for (resize_token_embeddings), or set a pad_token that the "
+            "model has, e.g. its EOS"
+        )
+    if int(ids.max()) < rows:
         return
     bad = (ids >= rows) & mask.bool()  # [P, Lp]
-    if not bad.any():
-        raise DataError(f"the pad token id {int(ids.max())} is past the model's embedding ({rows} rows)")
     i = int(bad.any(1).nonzero()[0])
     raise DataError(
         f"prompt {prompts[i][:60]!r} has token id {int(ids[i][bad[i]][0])}, but the model's embedding has "

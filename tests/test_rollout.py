@@ -3,6 +3,7 @@ handling, filtering, and the Gumbel-max draw matching softmax."""
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -196,6 +197,20 @@ def test_a_prompt_token_past_the_embedding_is_named(tokenizer):
         DataError, match=rf"prompt {re.escape(repr('x' + last + '?'))} has token id {len(tokenizer) - 1}"
     ):
         sampler.sample(model, ["a?", f"x{last}?"], torch.arange(2), 1)
+
+
+def test_a_pad_id_past_the_embedding_is_named_before_sampling(tokenizer):
+    """The pad id never appears in a prompt (left padding repeats a real token), but finished rows are fed
+    it and responses are padded with it: past the embedding, that was an IndexError at some later step."""
+    from reinforce_lm.errors import DataError
+
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = tok.convert_ids_to_tokens(len(tok) - 1)  # the last id pads, and has no row:
+    model = toy.make_model("llama", tok)
+    model.resize_token_embeddings(len(tok) - 1)
+    sampler = Sampler(tok, max_new_tokens=2)
+    with pytest.raises(DataError, match=rf"pad token id {len(tok) - 1} is past the model's embedding"):
+        sampler.sample(model, ["a?", "b?"], torch.arange(2), 1)
 
 
 def test_long_prompts_keep_their_last_tokens_and_their_bos(tokenizer):
