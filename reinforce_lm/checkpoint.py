@@ -121,7 +121,8 @@ def save_checkpoint(
             target = tmp if name == "policy" else tmp / name
             model.save_pretrained(target, safe_serialization=True)
         if tokenizer is not None:
-            as_loaded(tokenizer).save_pretrained(tmp)
+            for where in [tmp] + [tmp / "adapter"] * ("adapter" in models):  # a LoRA adapter loads alone
+                as_loaded(tokenizer).save_pretrained(where)
         torch.save({**state, "step": step}, tmp / STATE_FILE)
         _open_up(tmp)
         if final.exists():  # the same step saved twice (e.g. Ctrl-C right after a save)

@@ -94,6 +94,11 @@ class PromptData:
     texts: list[str]
     columns: dict[str, list] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
+    templated: list[bool] = field(default_factory=list)  # rendered by a chat template (no BOS added)
+
+    def is_templated(self, indices) -> list[bool] | None:
+        """Which of these rows a chat template rendered, for `Sampler.sample` (None: none of them)."""
+        return [self.templated[i] for i in indices] if any(self.templated) else None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -129,7 +134,8 @@ def load_prompts(
     columns = {k: [row.get(k) for row in rows] for k in keys}
     if any(c is not None for c in chats):
         columns[messages_column] = chats
-    return PromptData(texts=texts, columns=columns, sources=list(rows.sources))
+    templated = [c is not None for c in chats]
+    return PromptData(texts=texts, columns=columns, sources=list(rows.sources), templated=templated)
 
 
 # ------------------------------------------------------------------------------------------------

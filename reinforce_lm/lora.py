@@ -18,7 +18,7 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str,
     except ImportError:
         raise ConfigError("lora_r > 0 needs peft: pip install 'reinforce-lm[peft]'") from None
     if adapter is not None:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        return _absolute_base(PeftModel.from_pretrained(model, adapter, is_trainable=True))
     targets = target_modules
     if targets != "all-linear":  # peft's own error is a traceback: name the layers the model has instead
         targets = [t.strip() for t in target_modules.split(",")]
@@ -40,7 +40,19 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str,
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
     )
-    return get_peft_model(model, config)
+    return _absolute_base(get_peft_model(model, config))
+
+
+def _absolute_base(model):
+    """peft records the base model as it was named (`--model runs/sft`); a saved adapter then loads only
+    from that working directory. A local base directory is recorded by its absolute path."""
+    from pathlib import Path
+
+    for config in model.peft_config.values():
+        base = config.base_model_name_or_path
+        if base and Path(base).is_dir():
+            config.base_model_name_or_path = str(Path(base).resolve())
+    return model
 
 
 def is_lora(model) -> bool:

@@ -168,6 +168,21 @@ def load_causal_lm(path: str, dtype: str = "float32", device: torch.device | str
 NOT_LM_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
 
 
+_NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "typical_p": 1.0,
+            "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}  # fmt: skip
+
+
+def sampling_settings(model) -> dict:
+    """The settings of the model's generation_config.json that shape sampling and are not neutral
+    (Qwen2.5-Instruct's: temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05); {} when it
+    does not sample by default. reinforce-lm samples with its own flags, never these."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None or not getattr(gen, "do_sample", False):
+        return {}
+    got = {k: getattr(gen, k, None) for k in _NEUTRAL}
+    return {k: v for k, v in got.items() if v is not None and v != _NEUTRAL[k]}
+
+
 def saved_architectures(config) -> list[str]:
     """The model classes a checkpoint was saved as (config.json's `architectures`), [] where unsaid."""
     return [str(a) for a in (getattr(config, "architectures", None) or [])]

@@ -148,21 +148,24 @@ class Sampler:
                           "completion runs to max_new_tokens", stacklevel=3)  # fmt: skip
         return ids
 
-    def encode(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompt ids [P, Lp] and mask, BOS added once; a prompt longer than
-        `max_prompt_length` keeps its last tokens, and its BOS (also one its chat template wrote).
+    def encode(self, prompts: list[str], device, templated=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids [P, Lp] and mask. A plain prompt gets the tokenizer's special tokens
+        (its BOS), once; one rendered by a chat template (`templated[i]`) gets none, as SFT and
+        `apply_chat_template(tokenize=True)` tokenize it: the template writes what it wants. A prompt
+        longer than `max_prompt_length` keeps its last tokens, and its BOS (also one a template wrote).
 
         The padding repeats the row's first id, not the pad id. It is masked out of attention either
         way, but a pad id whose embedding row is zero (as `padding_idx` leaves it) can run through the
         layers as exact zeros, where a norm's derivative is infinite: Gemma 3n's gradients were NaN
         with left-padded prompts (0 * inf), and with a real token there they are finite."""
         bos = self.tok.bos_token
-        written = [bool(bos) and p.startswith(bos) for p in prompts]  # by a chat template: not twice
+        templated = templated or [False] * len(prompts)
+        plain = [not t and not (bos and p.startswith(bos)) for p, t in zip(prompts, templated, strict=True)]
         rows = [None] * len(prompts)
-        for has_bos in (False, True):
-            which = [i for i, w in enumerate(written) if w == has_bos]
+        for special in (False, True):
+            which = [i for i, w in enumerate(plain) if w == special]
             if which:
-                ids = self.tok([prompts[i] for i in which], add_special_tokens=not has_bos)["input_ids"]
+                ids = self.tok([prompts[i] for i in which], add_special_tokens=special)["input_ids"]
                 for i, r in zip(which, ids, strict=True):
                     rows[i] = r
         if not self._warned_cut and any(len(r) > self.max_prompt_length for r in rows):
@@ -180,8 +183,11 @@ class Sampler:
         return ids.to(device), mask.to(device)
 
     @torch.no_grad()
-    def sample(self, model, prompts, group_ids, k: int, row_seed=None, greedy: bool = False) -> Rollout:
+    def sample(
+        self, model, prompts, group_ids, k: int, row_seed=None, greedy: bool = False, templated=None
+    ) -> Rollout:
         """prompts: P texts, group_ids [P] -> Rollout of B = P*K completions (groups contiguous).
+        templated: P bools, the prompts a chat template rendered (`encode`); None: none.
 
         row_seed: [P*K] int64 from `row_seeds`, for seeded sampling; ignored when greedy. With
         `max_batch`, whole groups are sampled `max_batch // k` prompts per call and joined; seeded samples
@@ -189,18 +195,26 @@ class Sampler:
         """
         per_call = max(1, self.max_batch // k) if self.max_batch else len(prompts)
         if per_call >= len(prompts):
-            return self._sample(model, prompts, group_ids, k, row_seed, greedy)
+            return self._sample(model, prompts, group_ids, k, row_seed, greedy, templated)
         parts = []
         for i in range(0, len(prompts), per_call):
             seeds = row_seed[i * k : (i + per_call) * k] if row_seed is not None else None
             parts.append(
-                self._sample(model, prompts[i : i + per_call], group_ids[i : i + per_call], k, seeds, greedy)
+                self._sample(
+                    model,
+                    prompts[i : i + per_call],
+                    group_ids[i : i + per_call],
+                    k,
+                    seeds,
+                    greedy,
+                    templated[i : i + per_call] if templated else None,
+                )
             )
         return concat_rollouts(parts, self.pad_id)
 
-    def _sample(self, model, prompts, group_ids, k: int, row_seed=None, greedy: bool = False) -> Rollout:
+    def _sample(self, model, prompts, group_ids, k: int, row_seed, greedy: bool, templated) -> Rollout:
         device = next(model.parameters()).device
-        ids, mask = self.encode(list(prompts), device)  # [P, Lp]
+        ids, mask = self.encode(list(prompts), device, templated)  # [P, Lp]
         _check_ids(ids, mask, model, prompts, self.pad_id)
         was_training = model.training
         model.eval()
@@ -348,21 +362,32 @@ class Sampler:
         return tokens, logps  # [B, T], [B, T]
 
     def _hf(self, model, ids, mask, k, greedy):
+        """`generate` with our settings alone. It fills every field we leave unset from the model's
+        generation_config.json (Qwen's: top_k 20, top_p 0.8, repetition_penalty 1.05), which would
+        sample from another distribution than the one the update's log-probs are of; so the model's
+        config is swapped for a blank one during the call, and transformers' neutral defaults fill in."""
         from transformers import GenerationConfig
 
         cfg = GenerationConfig(
             max_new_tokens=self.max_new_tokens,
             do_sample=not greedy,
-            temperature=self.temperature if not greedy else None,
-            top_p=self.top_p if not greedy else None,
-            top_k=(self.top_k or None) if not greedy else None,
+            temperature=self.temperature if not greedy else 1.0,
+            top_p=self.top_p if not greedy else 1.0,
+            top_k=self.top_k if not greedy else 0,  # 0: off (transformers' own default is 50)
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids(model),
         )
         ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=cfg, synced_gpus=self.sync_stop is not None
-        )
+        own, model.generation_config = model.generation_config, GenerationConfig()
+        try:
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                generation_config=cfg,
+                synced_gpus=self.sync_stop is not None,
+            )
+        finally:
+            model.generation_config = own
         resp = out[:, ids.shape[1] :]
         if resp.shape[1] == 0:
             resp = torch.full((ids.shape[0], 1), self.pad_id, device=ids.device)

@@ -29,6 +29,7 @@ from reinforce_lm.models import (
     load_tokenizer,
     positions,
     resolve_model_path,
+    sampling_settings,
 )
 from reinforce_lm.rewards import build_rewards
 from reinforce_lm.runconfig import check_same_kind, write_run_config
@@ -145,6 +146,16 @@ def fit_to_context(cfg, key: str, paths: str | list[str], d, reserve: int = 0):
     return dataclasses.replace(cfg, **{key: ctx - reserve})
 
 
+def note_sampling(cfg, model, d) -> None:
+    """Say once where the model's generation_config.json would sample otherwise than this run does."""
+    theirs = sampling_settings(model)
+    if theirs and d.is_main:
+        ours = f"temperature {cfg.temperature}, top_p {cfg.top_p}, top_k {cfg.top_k}"
+        listed = ", ".join(f"{k} {v}" for k, v in theirs.items())
+        print(f"note: {cfg.model}'s generation_config.json samples with {listed}; this run samples with "
+              f"{ours} (--temperature, --top-p, --top-k), not with those")  # fmt: skip
+
+
 def load_policy(cfg, d, init_path: str, resume=None):
     # FSDP moves each shard to the device as it shards, so the whole model only ever sits in CPU memory.
     sharded = cfg.fsdp and d.enabled
@@ -201,6 +212,7 @@ def build_train_stage(cfg, d, resume=None):
         if data is not None:
             rewards.check(data.columns)
     policy = load_policy(cfg, d, str(resume) if resume else cfg.model, resume)
+    note_sampling(cfg, policy, d)
     reference = None
     if cfg.beta > 0:  # beta == 0: no reference model is loaded at all
         reference = load_reference(cfg, d, policy)
@@ -300,6 +312,8 @@ def evaluate(cfg, d):
     )
     rewards.check(prompts.columns)
     model = freeze(load_causal_lm(cfg.model, cfg.dtype, d.device))
+    if not cfg.greedy:
+        note_sampling(cfg, model, d)
     sampler = Sampler.from_config(tokenizer, cfg)
     return evaluate_policy(model, sampler, rewards, prompts, cfg.seed, d, greedy=cfg.greedy)
 

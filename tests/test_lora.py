@@ -16,6 +16,7 @@ from reinforce_lm.models import forward_kwargs, load_causal_lm
 from reinforce_lm.runner import load_reference
 
 peft = pytest.importorskip("peft")
+REWARD = "reinforce_lm.toy:letter_reward"
 
 
 def padded_batch(tok):
@@ -98,6 +99,23 @@ def test_lora_run_trains_only_adapters_and_saves_a_loadable_merged_model(tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, trained(input_ids=ids).logits, rtol=0, atol=1e-4)
     assert max((merged.state_dict()[k] - v).abs().max().item() for k, v in start.items()) > 1e-4
+
+
+def test_an_adapter_saved_from_a_relative_model_path_loads_from_anywhere(tmp_path, llama_dir, monkeypatch):
+    """peft records the base as named; `--model runs/sft` gave an adapter that loaded only from the
+    directory the run started in. Now its base path is absolute and it carries the tokenizer."""
+    from reinforce_lm.models import load_tokenizer
+
+    write_jsonl(tmp_path / "prompts.jsonl", toy.letter_prompts(4))
+    monkeypatch.chdir(llama_dir.parent)
+    args = ["train", f"--model={llama_dir.name}", f"--prompts={tmp_path / 'prompts.jsonl'}", "--no-progress"]
+    args += [f"--reward={REWARD}", f"--output-dir={tmp_path / 'out'}", "--steps=1", "--prompts-per-step=2"]
+    cli.main(args + ["--samples-per-prompt=2", "--max-new-tokens=4", "--lora-r=2"])
+    adapter = tmp_path / "out" / "checkpoint-1" / "adapter"
+    monkeypatch.chdir(tmp_path)
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(adapter)
+    assert model.peft_config["default"].base_model_name_or_path == str(llama_dir.resolve())
+    assert load_tokenizer(str(adapter)).get_vocab() == load_tokenizer(str(llama_dir)).get_vocab()
 
 
 def test_chunked_head_with_an_adapter_on_the_head(monkeypatch, llama_dir, tokenizer):

@@ -78,6 +78,29 @@ def test_greedy_and_hf_backend(models):
     assert a.completions == b.completions
 
 
+def test_hf_backend_ignores_the_models_generation_config(models):
+    """generate() fills unset fields from the model's generation_config.json; a Qwen checkpoint's top_k,
+    repetition penalty and n-gram ban would then shape the samples, unlike the softmax the update's
+    log-probs are of. With the same torch seed, samples equal those of a model with a blank config."""
+    from transformers import GenerationConfig
+
+    model, tok = models["qwen2"]
+    plain = copy.deepcopy(model)
+    model.generation_config = own = GenerationConfig(
+        do_sample=True, temperature=0.3, top_k=2, min_p=0.2, repetition_penalty=1.5, no_repeat_ngram_size=1
+    )
+    plain.generation_config = GenerationConfig()
+    sampler = Sampler(tok, max_new_tokens=6, backend="hf")
+    g = torch.arange(2)
+    for greedy in (False, True):
+        torch.manual_seed(1)
+        a = sampler.sample(model, PROMPTS[:2], g, 8, greedy=greedy)
+        torch.manual_seed(1)
+        b = sampler.sample(plain, PROMPTS[:2], g, 8, greedy=greedy)
+        assert torch.equal(a.response_ids, b.response_ids)
+    assert model.generation_config is own  # put back
+
+
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
@@ -242,6 +265,35 @@ def test_a_bos_written_by_a_template_is_not_doubled_beside_plain_prompts():
         alone, _ = sampler.encode([text], "cpu")
         assert both[i][mask[i].bool()].tolist() == alone[0].tolist()
         assert alone[0].tolist().count(bos_id) == 1
+
+
+def test_a_chat_rendered_prompt_gets_no_special_tokens_a_plain_one_its_bos(tmp_path):
+    """A tokenizer that adds BOS with a chat template that does not write it (Phi-3's): the rollout's
+    prompt ids are the template's own, as SFT and apply_chat_template(tokenize=True) see them, not BOS +
+    template; a plain text prompt beside it keeps its BOS."""
+    import json
+
+    from tokenizers import processors
+
+    from reinforce_lm.data import load_prompts
+
+    tok = toy.make_tokenizer()
+    bos, bos_id = tok.bos_token, tok.bos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, bos_id)]
+    )
+    chat = [{"role": "user", "content": "ab?"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"messages": chat}) + "\n" + json.dumps({"prompt": "cd?"}) + "\n")
+    data = load_prompts(path, tok)
+    model = toy.make_model("llama", tok)
+    r = Sampler(tok, max_new_tokens=2).sample(
+        model, data.texts, torch.arange(2), 1, templated=data.is_templated([0, 1])
+    )
+    got = [row[m.bool()].tolist() for row, m in zip(r.prompt_ids, r.prompt_mask, strict=True)]
+    templated = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    assert got[0] == list(getattr(templated, "input_ids", templated)) and got[0][0] != bos_id
+    assert got[1] == [bos_id] + tok("cd?", add_special_tokens=False)["input_ids"]
 
 
 def test_a_tokenizer_and_model_without_eos_are_warned_about_once(tokenizer):

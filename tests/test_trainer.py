@@ -68,6 +68,32 @@ def test_reward_rises(task, tmp_path, estimator):
     assert last > first + 0.1, (estimator, first, last)
 
 
+def test_a_models_own_sampling_settings_are_noted_not_used(task, tmp_path, capsys):
+    """A Qwen-style generation_config.json (sampling at 0.7, top_k 20, ...) is not what train and eval
+    sample with: they say so once, naming both."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from reinforce_lm.runner import run_eval_mean
+
+    model = tmp_path / "qwen-like"
+    shutil.copytree(task / "model", model)
+    GenerationConfig(do_sample=True, temperature=0.7, top_k=20, repetition_penalty=1.05).save_pretrained(
+        model
+    )
+    run_train(config(task, tmp_path / "run", model=str(model), steps=1))
+    out = capsys.readouterr().out
+    assert (
+        f"note: {model}'s generation_config.json samples with temperature 0.7, top_k 20, repetition_penalty "
+        "1.05; this run samples with temperature 1.0, top_p 1.0, top_k 0 (--temperature" in out
+    )
+    run_eval_mean(str(model), str(task / "prompts.jsonl"), [REWARD], max_new_tokens=2, temperature=0.5)
+    assert "this run samples with temperature 0.5, top_p 1.0, top_k 0" in capsys.readouterr().out
+    run_train(config(task, tmp_path / "plain", steps=1))  # the toy model does not sample by default
+    assert "generation_config.json samples" not in capsys.readouterr().out
+
+
 def test_metrics_have_the_documented_keys(task, tmp_path):
     run_train(config(task, tmp_path, steps=2, beta=0.05))
     row = read_metrics(tmp_path / "metrics.jsonl")[-1]

@@ -135,10 +135,13 @@ class ReinforceStage:
         policy = unwrap(self.policy)
 
         t0 = time.perf_counter()
-        r = self.sampler.sample(policy, texts, positions, K, row_seeds(cfg.seed, step, positions, K))
+        chat = self.prompts.is_templated(idx.tolist())
+        r = self.sampler.sample(
+            policy, texts, positions, K, row_seeds(cfg.seed, step, positions, K), templated=chat
+        )
         greedy = None
         if greedy_baseline:  # ReMax: the greedy completion's score is the baseline
-            greedy = self.sampler.sample(policy, texts, positions, 1, greedy=True)
+            greedy = self.sampler.sample(policy, texts, positions, 1, greedy=True, templated=chat)
         t1 = time.perf_counter()
         scores, parts = self.score(r, columns, sources)
         baseline = None
@@ -339,7 +342,8 @@ def evaluate_policy(
         texts = [data.texts[i] for i in chunk]
         cols = {name: [col[i] for i in chunk] for name, col in data.columns.items()}
         g = torch.tensor(chunk)
-        r = sampler.sample(policy, texts, g, 1, row_seeds(seed, -1, g, 1), greedy=greedy)
+        chat = data.is_templated(chunk)
+        r = sampler.sample(policy, texts, g, 1, row_seeds(seed, -1, g, 1), greedy=greedy, templated=chat)
         where = [data.sources[i] for i in chunk] if data.sources else None
         s, _ = rewards(r.prompts, r.completions, r.completion_ids(), cols, where)
         if weight:  # a stand-in chunk (this rank ran out of prompts) is sampled but not counted
