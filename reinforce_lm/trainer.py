@@ -132,14 +132,16 @@ class GracefulInterrupt:
         print(f"\n{name}: finishing this step and writing a checkpoint ({name} again to abort)", flush=True)
 
     def __exit__(self, exc_type, exc, tb):
-        for sig, previous in self.previous.items():
-            if previous is not None:  # None: set from C, not restorable
-                signal.signal(sig, previous)
+        # The save after an error runs with these handlers still in place: a first signal there waits
+        # for it (a default handler would cut it short and lose the state it saves).
         if exc_type is not None and issubclass(exc_type, Exception) and self.on_error is not None:
             try:
                 self.on_error(exc)
             except Exception as err:  # the original error matters more than this one
                 print(f"could not save a checkpoint after the error: {err!r}", file=sys.stderr)
+        for sig, previous in self.previous.items():
+            if previous is not None:  # None: set from C, not restorable
+                signal.signal(sig, previous)
         return False
 
 
@@ -304,9 +306,10 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
                 break
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
                 last_saved = save(step)
-    logger.close()
-    if step > start or resume_from is None or interrupted:
-        last_saved = save(step)
+        logger.close()
+        # The final save, inside the handlers too: a Ctrl-C or SIGTERM during it waits for it.
+        if step > start or resume_from is None or interrupted:
+            last_saved = save(step)
     return {"step": step, "interrupted": interrupted, "checkpoint": last_saved}
 
 

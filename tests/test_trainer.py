@@ -566,6 +566,38 @@ def test_ctrl_c_or_sigterm_writes_a_checkpoint_and_exits_cleanly(task, tmp_path,
     assert checkpoint.load_state(ckpt)["step"] == read_metrics(out / "metrics.jsonl")[-1]["step"]
 
 
+@pytest.mark.parametrize("when", ["final save", "save after an error"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_during_the_last_save_waits_for_it(task, tmp_path, monkeypatch, capsys, sig, when):
+    """The final checkpoint and the one after an error were written after the loop had put the default
+    handlers back: one Ctrl-C there deleted the half-written checkpoint (the whole run lost), a SIGTERM
+    killed the process. Now the first signal waits for the save."""
+    save = checkpoint.save_checkpoint
+
+    def signalled(*a, **kw):
+        os.kill(os.getpid(), sig)  # handled at once, in this thread: mid-save
+        return save(*a, **kw)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", signalled)
+    kw = dict(steps=2)
+    if when != "final save":  # a reward that fails in step 2: the state after step 1 is saved
+        (tmp_path / "r.py").write_text(
+            "from reinforce_lm.toy import letter_reward\nn = 0\n\ndef r(prompts, completions, **kw):\n"
+            "    global n\n    n += 1\n    assert n < 2, 'judge went away'\n"
+            "    return letter_reward(prompts, completions, **kw)\n"
+        )
+        kw["reward"] = [f"{tmp_path / 'r.py'}:r"]
+        with pytest.raises(RewardError, match="judge went away"):
+            run_train(config(task, tmp_path / "out", **kw))
+    else:
+        assert run_train(config(task, tmp_path / "out", **kw)) == 0
+    assert "writing a checkpoint" in capsys.readouterr().out
+    step = 2 if when == "final save" else 1
+    assert checkpoint.latest_checkpoint(tmp_path / "out").name == f"checkpoint-{step}"
+    assert checkpoint.load_state(tmp_path / "out" / f"checkpoint-{step}")["step"] == step
+    assert signal.getsignal(sig) is signal.default_int_handler or sig != signal.SIGINT  # put back
+
+
 def test_a_config_error_is_printed_by_rank_0_only(task, tmp_path, monkeypatch, capsys):
     for rank, printed in (("1", False), ("0", True)):
         monkeypatch.setenv("RANK", rank)
