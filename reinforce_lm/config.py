@@ -152,6 +152,8 @@ class EngineConfig:
         _types(self)
         if not self.model:
             raise ConfigError("model is required: pass --model DIR_OR_ID (or `model:` in the YAML file)")
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir is empty: pass --output-dir DIR")
         _positive(self, "steps", "lr", "micro_batch_size", "keep_checkpoints")
         _positive(self, "warmup_steps", "weight_decay", "max_grad_norm", "save_every", allow_zero=True)
         _choice(self, "lr_schedule", ("constant", "linear", "cosine"))

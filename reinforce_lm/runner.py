@@ -45,11 +45,15 @@ def prepare_output(cfg) -> Path | None:
     """The checkpoint to resume from, or None; refuses to overwrite a run without --resume, to resume a
     different kind of run, or an output directory it cannot write (before any model is loaded)."""
     out = Path(cfg.output_dir)
-    if out.resolve() == Path(cfg.model).expanduser().resolve():
-        raise ConfigError(
-            f"--output-dir {out} is the --model directory: its checkpoints would make --model (and the "
-            "reference) mean the run's latest checkpoint instead of this model; choose another --output-dir"
-        )
+    inputs = [("--model", cfg.model), ("--ref-model", getattr(cfg, "ref_model", ""))]
+    inputs += [("--critic-model", getattr(cfg, "critic_model", ""))]
+    inputs += [("--reward-model", p) for p in getattr(cfg, "reward_model", [])]
+    for flag, path in inputs:
+        if path and out.resolve() == Path(path).expanduser().resolve():
+            raise ConfigError(
+                f"--output-dir {out} is the {flag} directory: its checkpoints would make {flag} mean the "
+                "run's latest checkpoint instead of that model (on --resume too); choose another --output-dir"
+            )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{socket.gethostname()}-{os.getpid()}"  # ranks may share storage

@@ -427,10 +427,23 @@ def test_a_trainer_state_that_does_not_fit_is_a_checkpoint_error(task, tmp_path)
         run_train(config(task, tmp_path, steps=2, resume=True))
 
 
-def test_the_model_directory_is_not_an_output_directory(tmp_path):
+def test_no_input_model_directory_is_an_output_directory(task, tmp_path):
+    """A run's checkpoints would turn the directory into a run directory, which then means its latest
+    checkpoint: with the reference's, --resume trained against the policy itself (KL 0)."""
     model = toy.save_tiny_model(tmp_path / "m")
     with pytest.raises(ConfigError, match="is the --model directory"):
         run_train(TrainConfig(model=str(model), prompts="p.jsonl", reward=[REWARD], output_dir=str(model)))
+    other = str(task / "other")
+    for flag, kw in [
+        ("--ref-model", dict(ref_model=other, beta=0.1)),
+        ("--reward-model", dict(reward_model=["rm", other])),
+        ("--critic-model", dict(critic_model=other, algorithm="ppo")),
+    ]:
+        with pytest.raises(ConfigError, match=f"is the {flag} directory"):
+            run_train(config(task, Path(other + "/./"), **kw))
+    assert not (task / "other" / "run_config.json").exists()
+    with pytest.raises(ConfigError, match="output_dir is empty"):
+        config(task, tmp_path, output_dir=" ")
 
 
 def test_an_unwritable_output_dir_fails_before_loading(task, tmp_path):
