@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +113,21 @@ def _rewards(cfg) -> None:
             raise ConfigError(f"reward_model[{i}] = {r!r}: expected a directory or hub id")
     if not cfg.reward and not cfg.reward_model:
         raise ConfigError("no reward: pass --reward FILE.py:FUNC and/or --reward-model DIR")
+    w = cfg.reward_weights
+    cfg.reward_weights = [w] if isinstance(w, int | float) else as_list(w)
+    if cfg.reward_weights and len(cfg.reward_weights) != len(cfg.reward) + len(cfg.reward_model):
+        raise ConfigError(
+            f"reward_weights has {len(cfg.reward_weights)} values for "
+            f"{len(cfg.reward) + len(cfg.reward_model)} rewards (functions first, then models)"
+        )
+    for i, w in enumerate(cfg.reward_weights):
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+            raise ConfigError(f"reward_weights[{i}] = {w!r}: expected a finite number")
+
+
+def _seed(cfg) -> None:
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed}")
 
 
 @dataclass
@@ -163,6 +179,7 @@ class EngineConfig:
         _fraction(self, "lora_dropout")
         _positive(self, "lora_alpha")
         _device(self)
+        _seed(self)
         if self.lora_r and self.fsdp:
             raise ConfigError("lora_r with fsdp is not supported yet: LoRA runs replicate (DDP) instead")
 
@@ -264,11 +281,6 @@ class TrainConfig(EngineConfig):
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ConfigError("gamma and lam must be in [0, 1]")
-        if self.reward_weights and len(self.reward_weights) != len(self.reward) + len(self.reward_model):
-            raise ConfigError(
-                f"reward_weights has {len(self.reward_weights)} values for "
-                f"{len(self.reward) + len(self.reward_model)} rewards"
-            )
         if (
             self.algorithm == "reinforce"
             and self.beta > 0
@@ -284,6 +296,13 @@ class TrainConfig(EngineConfig):
                 f"gamma={self.gamma} discounts token-level returns, but credit is 'sequence' (every token "
                 "gets the whole score, undiscounted): pass --credit token, or leave gamma at 1"
             )
+        if self.minibatches > self.prompts_per_step * self.samples_per_prompt:
+            raise ConfigError(
+                f"minibatches={self.minibatches} is more than the {self.prompts_per_step} x "
+                f"{self.samples_per_prompt} sequences of a step"
+            )
+        if self.eval_every and not self.eval_prompts:
+            raise ConfigError(f"eval_every={self.eval_every} needs --eval-prompts FILE to evaluate on")
         group_estimators = ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline")
         if (
             self.algorithm == "reinforce"
@@ -331,3 +350,4 @@ class EvalConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
         _choice(self, "dtype", ("float32", "bfloat16", "float16"))
         _device(self)
+        _seed(self)

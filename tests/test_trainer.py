@@ -161,6 +161,31 @@ def test_kl_placements_and_credit_run(task, tmp_path, kl_in, credit, kl_estimato
     assert read_metrics(tmp_path / "metrics.jsonl")[-1]["kl"] is not None
 
 
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(reward_weights=[float("nan")]), r"reward_weights\[0\] = nan: expected a finite number"),
+        (dict(reward_weights=[1.0, 2.0]), "reward_weights has 2 values for 1 rewards"),
+        (dict(seed=2**70), r"seed must be in \[0, 2\*\*32\)"),
+        (dict(minibatches=100, prompts_per_step=2, samples_per_prompt=2), "minibatches=100 is more than"),
+        (dict(eval_every=2), "eval_every=2 needs --eval-prompts"),
+    ],
+)
+def test_nonsense_options_are_refused(task, tmp_path, kw, message):
+    """Each of these was accepted: a NaN weight made every reward NaN, a huge seed overflowed in torch,
+    100 minibatches of 4 sequences ran 4, eval_every without prompts evaluated nothing."""
+    with pytest.raises(ConfigError, match=message):
+        config(task, tmp_path, **kw)
+
+
+def test_eval_refuses_a_non_finite_reward_weight(task):
+    from reinforce_lm.config import EvalConfig
+
+    with pytest.raises(ConfigError, match="expected a finite number"):
+        EvalConfig(model="m", prompts="p", reward=[REWARD], reward_weights=[float("inf")])
+    assert EvalConfig(model="m", prompts="p", reward=[REWARD], reward_weights=2).reward_weights == [2]
+
+
 def test_k1_in_the_loss_is_refused(task, tmp_path):
     with pytest.raises(ConfigError, match="k1 in the loss has zero expected gradient"):
         config(task, tmp_path, beta=0.1, kl_in="loss", kl_estimator="k1")
