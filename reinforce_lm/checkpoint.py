@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -69,6 +70,27 @@ def _open_up(tmp: Path) -> None:
         pass
 
 
+def _fsync(path) -> None:
+    """Flush a file or directory to disk; a file system that cannot (some network mounts) is let be."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    for parent, _, files in os.walk(root):
+        for name in files:
+            _fsync(os.path.join(parent, name))
+        _fsync(parent)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would survive the rename
@@ -77,6 +99,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 AS_LOADED = "_reinforce_lm_as_loaded"  # tokenizer attribute: the settings `load_tokenizer` changed
@@ -125,13 +148,18 @@ def save_checkpoint(
                 as_loaded(tokenizer).save_pretrained(where)
         torch.save({**state, "step": step}, tmp / STATE_FILE)
         _open_up(tmp)
+        _sync_tree(tmp)  # on disk before the rename: after a power loss, `latest` never names a hole
         if final.exists():  # the same step saved twice (e.g. Ctrl-C right after a save)
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_text_atomic(out / "latest", final.name)
+    try:
+        write_text_atomic(out / "latest", final.name)
+    except OSError as err:  # the checkpoint is complete: `latest_checkpoint` finds it without the pointer
+        print(f"warning: could not update {out / 'latest'} ({err}); {final} is complete", file=sys.stderr)
     # Only complete checkpoints count, and the one just written always stays (even when an older run
     # left a higher step number behind), so an incomplete leftover can never cost a complete one.
     others = [p for p in list_checkpoints(out) if p != final]

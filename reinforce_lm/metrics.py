@@ -7,6 +7,8 @@ import math
 import time
 from pathlib import Path
 
+from reinforce_lm.checkpoint import write_text_atomic
+
 
 class MetricsLogger:
     def __init__(
@@ -18,9 +20,11 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # on resume, drop lines past the checkpoint we continue from
-            keep = [line for line in self.path.read_text().splitlines() if _step_of(line) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+        if self.path.exists():  # on resume, drop lines past the checkpoint we continue from, and any
+            # line cut short (a process killed mid-write), which would break every reader of the file
+            lines = self.path.read_text(errors="replace").splitlines()
+            keep = [line for line in lines if (n := _step_of(line)) is not None and n <= start_step]
+            write_text_atomic(self.path, "".join(line + "\n" for line in keep))
         self.file = self.path.open("a")
         if progress:
             from tqdm.auto import tqdm
@@ -59,11 +63,12 @@ def _clean(v):
     return v
 
 
-def _step_of(line: str) -> int:
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a line that is not a JSON object."""
     try:
         return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
-        return 0
+    except (ValueError, AttributeError, TypeError):
+        return None
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -163,13 +163,13 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
                 for group, base, f in zip(sc.optimizer.param_groups, sc.base_lrs, sc.lr_lambdas, strict=True):
                     group["lr"] = base * f(sc.last_epoch)
             stage.load_state_dict(state["stage"])
-        except (KeyError, ValueError) as err:  # another command, algorithm or LoRA setting saved it
+            checkpoint.set_rng_state(state["rng"])
+            start = state["step"]
+        except (KeyError, ValueError, TypeError) as err:  # another command, algorithm or LoRA setting
             raise CheckpointError(
                 f"{resume_from}: its trainer state does not fit this run ({type(err).__name__}: {err}); "
                 "resume with the options the run was started with"
             ) from None
-        checkpoint.set_rng_state(state["rng"])
-        start = state["step"]
 
     # What a checkpoint of the last finished step holds, taken before this step changes any of it. An
     # error before this step's first optimiser update (a reward function or judge that raises, an OOM)

@@ -445,11 +445,33 @@ def test_a_trainer_state_that_does_not_fit_is_a_checkpoint_error(task, tmp_path)
     run_train(config(task, tmp_path, steps=1))
     (tmp_path / "run_config.json").unlink()
     state_file = tmp_path / "checkpoint-1" / checkpoint.STATE_FILE
-    torch.save({**checkpoint.load_state(tmp_path / "checkpoint-1"), "stage": {}}, state_file)
+    state = checkpoint.load_state(tmp_path / "checkpoint-1")
+    torch.save({**state, "stage": {}}, state_file)
     with pytest.raises(
         CheckpointError, match="trainer state does not fit this run .KeyError: 'running_mean'"
     ):
         run_train(config(task, tmp_path, steps=2, resume=True))
+    torch.save({k: v for k, v in state.items() if k != "rng"}, state_file)  # a state without its RNG
+    with pytest.raises(CheckpointError, match="does not fit this run .KeyError: 'rng'"):
+        run_train(config(task, tmp_path, steps=2, resume=True))
+
+
+def test_a_line_cut_short_in_metrics_jsonl_is_dropped_on_resume(task, tmp_path):
+    """A process killed mid-write leaves half a line; resume kept it (it counted as step 0), and every
+    reader of the file then failed on it."""
+    run_train(config(task, tmp_path, steps=1))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "reward_me')
+    run_train(config(task, tmp_path, steps=2, resume=True))
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_latest_pointer_that_cannot_be_written_costs_no_checkpoint(tmp_path, capsys):
+    model, tok = toy.make_model("llama", toy.make_tokenizer()), toy.make_tokenizer()
+    (tmp_path / "latest").mkdir()  # outside damage: a directory where the pointer goes
+    path = checkpoint.save_checkpoint(tmp_path, 3, {"policy": model}, tok, {"x": 1})
+    assert "could not update" in capsys.readouterr().err
+    assert checkpoint.latest_checkpoint(tmp_path) == path
 
 
 def test_no_input_model_directory_is_an_output_directory(task, tmp_path):
