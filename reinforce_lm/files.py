@@ -9,6 +9,7 @@ import codecs
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 
 from .errors import DataError
@@ -68,6 +69,36 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
+def _loads(text: str, where: str):
+    """`json.loads`, with the errors other than JSONDecodeError (which the callers place) as DataErrors."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise DataError(f"{where}: invalid JSON (nested too deeply)") from None
+    except ValueError:  # int() refuses more digits than this (CVE-2020-10735)
+        raise DataError(
+            f"{where}: invalid JSON (an integer of more than {sys.get_int_max_str_digits()} digits)"
+        ) from None
+
+
+def _no_lone_surrogates(raw: str, row: dict, where: str) -> None:
+    """A `\\ud800`-style escape may decode to half of a UTF-16 surrogate pair, which is no character:
+    tokenizers fail on such text with a TypeError. Only rows whose raw text has such an escape are
+    checked."""
+    if "\\ud" not in raw and "\\uD" not in raw:
+        return
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        half = ord(err.object[err.start])
+        raise DataError(
+            f"{where}: invalid JSON (the escape \\u{half:04x} is half of a UTF-16 surrogate pair, "
+            "not a character)"
+        ) from None
+
+
 def _read_jsonl(path: Path):
     rows, sources = [], []
     # Split on "\n" only: str.splitlines would also split on characters that JSON strings may hold raw.
@@ -76,19 +107,21 @@ def _read_jsonl(path: Path):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = _loads(line, f"{path}:{lineno}")
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        _no_lone_surrogates(line, row, f"{path}:{lineno}")
         rows.append(row)
         sources.append(f"{path}:{lineno}")
     return rows, sources
 
 
 def _read_json(path: Path):
+    text = _read_text(path)
     try:
-        data = json.loads(_read_text(path))
+        data = _loads(text, str(path))
     except json.JSONDecodeError as err:
         hint = " (one object per line? name the file .jsonl)" if err.msg == "Extra data" else ""
         raise DataError(
@@ -99,6 +132,7 @@ def _read_json(path: Path):
     for i, row in enumerate(data):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row index {i}: expected a JSON object, got {type(row).__name__}")
+        _no_lone_surrogates(text, row, f"{path}: row index {i}")
     return data, [f"{path}: row index {i}" for i in range(len(data))]
 
 

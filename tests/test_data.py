@@ -95,6 +95,17 @@ def test_jsonl_blank_lines_skipped_and_line_numbers_kept(tmp_path):
         ("p.jsonl", "\n\n", r"p\.jsonl: no rows"),
         ("p.txt", "hello", r"p\.txt: unknown file type '\.txt'"),
         ("p.parquet", "not parquet", r"p\.parquet: cannot read Parquet"),
+        # Lone UTF-16 surrogates (no character; the tokenizer refuses them) and what json.loads raises
+        # besides JSONDecodeError.
+        (
+            "p.jsonl",
+            '{"prompt": "a"}\n{"prompt": "a\\ud800b"}\n',
+            r"p\.jsonl:2: invalid JSON \(the escape \\ud800 is half of a UTF-16 surrogate pair",
+        ),
+        ("p.json", '[{"prompt": "a"}, {"\\uDC00": "b"}]', r"p\.json: row index 1: .*escape \\udc00"),
+        ("p.jsonl", '{"p": "a"}\n' + "[" * 100_000 + "]" * 100_000, r"p\.jsonl:2: .*nested too deeply"),
+        ("p.json", "[" * 100_000 + "]" * 100_000, r"p\.json: invalid JSON \(nested too deeply\)"),
+        ("p.jsonl", '{"n": ' + "9" * 5000 + "}", r"p\.jsonl:1: invalid JSON \(an integer of more than"),
     ],
 )
 def test_unreadable_files(tmp_path, name, content, match):
@@ -141,6 +152,12 @@ def test_a_bom_then_bytes_that_are_not_utf8_are_placed_right(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "é"}\n'.encode() + b'{"prompt": "ab\xe9"}\n')
     with pytest.raises(DataError, match=r"bom.jsonl:2: not UTF-8 \(byte 0xe9 at column 15\)"):
         read_rows(path)
+
+
+def test_surrogate_pairs_are_characters(tmp_path):
+    """Only a lone surrogate is refused: an escaped pair is one character (here outside the BMP)."""
+    (tmp_path / "p.jsonl").write_text('{"prompt": "\\ud83d\\ude00?"}\n')
+    assert read_rows(tmp_path / "p.jsonl")[0] == {"prompt": "\U0001f600?"}
 
 
 def test_missing_file_and_bad_directory(tmp_path):
