@@ -139,6 +139,10 @@ def _read_json(path: Path):
 def _read_csv(path: Path):
     rows, sources = [], []
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    header = reader.fieldnames or []
+    if twice := sorted({name for name in header if header.count(name) > 1}):
+        # DictReader would keep each row's last value under the name and drop the others unseen.
+        raise DataError(f"{path}:1: the header names the column {twice[0]!r} more than once {header}")
     for row in reader:
         # line_num is the line where this record ends (records may span lines inside quotes).
         if None in row:
@@ -180,6 +184,8 @@ def _read_dataset_dir(path: Path):
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as err:
+        if empty := _empty_dataset(path):
+            raise DataError(f"{empty}: the dataset is empty (0 rows)") from None
         raise DataError(f"{path}: not a directory written by datasets' save_to_disk ({err})") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
@@ -187,6 +193,18 @@ def _read_dataset_dir(path: Path):
         ds = ds["train"]
     rows = ds.to_list()
     return rows, [f"{path}: row index {i}" for i in range(len(rows))]
+
+
+def _empty_dataset(path: Path) -> Path | None:
+    """The directory (`path` or one split of it) of a dataset saved with no rows: `datasets` writes it
+    without data files and then fails to load it (an IndexError)."""
+    for state in [path / "state.json", *sorted(path.glob("*/state.json"))]:
+        try:
+            if json.loads(state.read_text(encoding="utf-8")).get("_data_files") == []:
+                return state.parent
+        except (OSError, ValueError, AttributeError):  # not the state file of a saved dataset
+            continue
+    return None
 
 
 def write_jsonl(path, rows: list[dict]) -> Path:

@@ -106,6 +106,7 @@ def test_jsonl_blank_lines_skipped_and_line_numbers_kept(tmp_path):
         ("p.jsonl", '{"p": "a"}\n' + "[" * 100_000 + "]" * 100_000, r"p\.jsonl:2: .*nested too deeply"),
         ("p.json", "[" * 100_000 + "]" * 100_000, r"p\.json: invalid JSON \(nested too deeply\)"),
         ("p.jsonl", '{"n": ' + "9" * 5000 + "}", r"p\.jsonl:1: invalid JSON \(an integer of more than"),
+        ("p.csv", "prompt,x,prompt\na,1,b\n", r"p\.csv:1: the header names the column 'prompt' more than"),
     ],
 )
 def test_unreadable_files(tmp_path, name, content, match):
@@ -158,6 +159,21 @@ def test_surrogate_pairs_are_characters(tmp_path):
     """Only a lone surrogate is refused: an escaped pair is one character (here outside the BMP)."""
     (tmp_path / "p.jsonl").write_text('{"prompt": "\\ud83d\\ude00?"}\n')
     assert read_rows(tmp_path / "p.jsonl")[0] == {"prompt": "\U0001f600?"}
+
+
+def test_an_empty_saved_dataset_says_so(tmp_path):
+    """`datasets` saves a dataset of 0 rows without data files, then fails to load it (IndexError)."""
+    import datasets
+
+    empty = datasets.Dataset.from_dict(
+        {"prompt": []}, features=datasets.Features({"prompt": datasets.Value("string")})
+    )
+    empty.save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(DataError, match=r"ds: the dataset is empty \(0 rows\)"):
+        read_rows(tmp_path / "ds")
+    datasets.DatasetDict({"train": empty}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match=r"dd/train: the dataset is empty \(0 rows\)"):
+        read_rows(tmp_path / "dd")
 
 
 def test_missing_file_and_bad_directory(tmp_path):
