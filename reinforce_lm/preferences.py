@@ -5,6 +5,7 @@ Errors and warnings name the file and line of the row, as in `data.py`."""
 from __future__ import annotations
 
 import math
+import reprlib
 
 import torch
 
@@ -44,6 +45,9 @@ def _pair_ids(tokenizer, where: str, row: dict) -> tuple[list[int], list[int]]:
     return tokenizer(prompt + chosen)["input_ids"], tokenizer(prompt + rejected)["input_ids"]
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max  # margins are float32 in the loss (`collate_preferences`)
+
+
 def _margin(where: str, value) -> float:
     if value is None or value == "":
         return 0.0
@@ -52,9 +56,13 @@ def _margin(where: str, value) -> float:
             raise ValueError
         margin = float(value)
     except (TypeError, ValueError):
-        raise DataError(f"{where}: column 'margin' must be a number, got {value!r}") from None
-    if not math.isfinite(margin):
-        raise DataError(f"{where}: column 'margin' must be finite, got {value!r}")
+        raise DataError(f"{where}: column 'margin' must be a number, got {reprlib.repr(value)}") from None
+    except OverflowError:  # an integer beyond any float
+        margin = math.inf
+    if not math.isfinite(margin) or abs(margin) > _FLOAT32_MAX:  # inf once a float32
+        raise DataError(
+            f"{where}: column 'margin' must be a finite float32 number, got {reprlib.repr(value)}"
+        )
     return margin
 
 

@@ -351,6 +351,15 @@ def test_preferences_text_messages_and_margin(tmp_path, tokenizer):
         ({"prompt": "a", "chosen": "x", "rejectd": "y"}, r"p\.jsonl:1: no 'rejected' column.*'rejectd'"),
         ({"promt": "a", "chosen": "x", "rejected": "y"}, r"p\.jsonl:1: no 'prompt' column.*'promt'"),
         ({"prompt": "a", "chosen": "x", "rejected": "y", "margin": "big"}, r"p\.jsonl:1: column 'margin'"),
+        # Beyond any float (OverflowError), and finite as a float64 but inf as the loss's float32.
+        (
+            {"prompt": "a", "chosen": "x", "rejected": "y", "margin": 9**400},
+            r"p\.jsonl:1: column 'margin' must be a finite float32 number, got \d+\.\.\.\d+$",
+        ),
+        (
+            {"prompt": "a", "chosen": "x", "rejected": "y", "margin": -1e308},
+            r"p\.jsonl:1: column 'margin' must be a finite float32 number, got -1e\+308",
+        ),
     ],
 )
 def test_preferences_bad_rows(tmp_path, tokenizer, row, match):
