@@ -17,6 +17,7 @@ import importlib.util
 import inspect
 import math
 import numbers
+import reprlib
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -268,12 +269,17 @@ class RewardSet:
                 raise RewardError(
                     f"reward {name!r} returned a non-number for {_sample(i, sources)}: {_shorten(value)}"
                 )
-            if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:  # inf once a float32
+            try:
+                score = float(value)
+            except OverflowError:  # an int (or Fraction) beyond any float
+                score = math.inf
+            if not math.isfinite(score) or abs(score) > _FLOAT32_MAX:  # inf once a float32
+                shown = reprlib.repr(value) if isinstance(value, int) else value  # 10**400: 401 digits
                 raise RewardError(
-                    f"reward {name!r} returned {value} for {_sample(i, sources)}; scores must be finite "
+                    f"reward {name!r} returned {shown} for {_sample(i, sources)}; scores must be finite "
                     "float32 numbers"
                 )
-            scores.append(float(value))
+            scores.append(score)
         return torch.tensor(scores, dtype=torch.float32)
 
 

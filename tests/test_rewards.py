@@ -233,6 +233,8 @@ def test_score_errors_name_the_source():
         ([1.0, 2.0, "3"], r"returned a non-number for sample 2: '3'"),
         ([1.0, float("nan"), 2.0], r"returned nan for sample 1; scores must be finite"),
         ([1.0, 2.0, -math.inf], r"returned -inf for sample 2"),
+        ([1.0, 2.0, 1e39], r"returned 1e\+39 for sample 2; scores must be finite float32"),
+        ([1.0, 10**400, 2.0], r"returned 1000\d*\.\.\.\d*000 for sample 1; scores must be finite"),
         (torch.tensor([[1.0], [2.0], [3.0]]), r"must return a list of 3 floats, got Tensor"),
         ([1.0, torch.tensor([1.0, 2.0]), 2.0], r"non-number for sample 1"),
     ],
