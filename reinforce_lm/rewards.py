@@ -135,6 +135,12 @@ def _where_raised(err: BaseException) -> str:
     return f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
 
 
+# What a reward function may raise to say that it failed: a sys.exit() in it (a script's habit) is its
+# error, to be reported with the sample like any other, not the end of the run without a word or a save.
+# KeyboardInterrupt still stops the run, as a Ctrl-C.
+_FAILED = (Exception, SystemExit)
+
+
 class RewardSet:
     """Rewards `(name, fn, weight)`; called, it returns the weighted sum [B] and each raw score [B]."""
 
@@ -196,22 +202,22 @@ class RewardSet:
         for (name, fn, weight), params in zip(self.functions, self._params, strict=True):
             try:
                 out = fn(**self._kwargs(params, _fresh(everything)))
-            except Exception as err:
+            except _FAILED as err:
                 raise self._blame(name, fn, params, everything, err, sources) from err
             raw[name] = self._validate(name, out, n, sources)  # [B]
             total += weight * raw[name]
         return total, raw
 
-    def _blame(self, name: str, fn: Callable, params, everything: dict, err: Exception, sources):
+    def _blame(self, name: str, fn: Callable, params, everything: dict, err: BaseException, sources):
         """Bisect the batch for a sample that makes `fn` raise on its own, for an error that names it.
         Only a half that raises is searched further: at most 2*log2(B) more calls, not one per sample,
         as a reward may be a paid or rate-limited judge."""
 
-        def error_on(lo: int, hi: int) -> Exception | None:
+        def error_on(lo: int, hi: int) -> BaseException | None:
             part = _fresh({k: (None if v is None else v[lo:hi]) for k, v in everything.items()})
             try:
                 fn(**self._kwargs(params, part))
-            except Exception as part_err:
+            except _FAILED as part_err:
                 return part_err
             return None
 

@@ -192,6 +192,22 @@ def test_raising_reward_names_the_sample():
         RewardSet([("batch_only", batch_only, 1.0)])(PROMPTS, COMPLETIONS)
 
 
+def test_a_reward_that_exits_is_a_reward_error_and_ctrl_c_still_stops():
+    def exits(prompts, completions, **kw):
+        if "ab" in completions:
+            sys.exit(3)
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardError, match=r"reward 'exits' raised on sample 1 .*: SystemExit: 3"):
+        RewardSet([("exits", exits, 1.0)])(PROMPTS, COMPLETIONS)
+
+    def interrupted(prompts, completions, **kw):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        RewardSet([("interrupted", interrupted, 1.0)])(PROMPTS, COMPLETIONS)
+
+
 def test_blame_bisects_in_few_calls_and_names_the_source():
     """A judge API may be paid or rate-limited: finding the culprit must not cost one call per sample."""
     calls = []
