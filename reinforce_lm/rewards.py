@@ -147,14 +147,22 @@ class RewardSet:
     def __init__(self, functions: list[tuple[str, Callable, float]]):
         self.functions = list(functions)
         # Per function: None when it takes **kwargs (gets everything), else (names it accepts, requires).
-        self._params = [self._signature(fn) for _, fn, _ in self.functions]
+        self._params = [self._signature(name, fn) for name, fn, _ in self.functions]
 
     @staticmethod
-    def _signature(fn: Callable):
+    def _signature(name: str, fn: Callable):
         try:
-            params = inspect.signature(fn).parameters.values()
+            signature = inspect.signature(fn)
         except (TypeError, ValueError):  # some builtins and C callables have no signature
             return None
+        params = signature.parameters.values()
+        if positional := [p.name for p in params if p.kind is p.POSITIONAL_ONLY and p.default is p.empty]:
+            # Every argument is passed by keyword: such a call fails before the function runs.
+            raise RewardError(
+                f"reward {name!r}: its signature {signature} does not accept (prompts, completions, "
+                f"**kwargs) as keywords, which is how reward functions are called; remove the '/' that "
+                f"makes {positional} positional-only"
+            )
         required = {
             p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         }

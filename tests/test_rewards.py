@@ -161,6 +161,24 @@ def test_signature_filtering():
     )
 
 
+def test_a_positional_only_signature_is_named_not_blamed_on_a_sample():
+    def posonly(completions, /):
+        return [0.0] * len(completions)
+
+    with pytest.raises(
+        RewardError,
+        match=r"reward 'posonly': its signature \(completions, /\) does not accept \(prompts, completions, "
+        r"\*\*kwargs\) as keywords.*; remove the '/' that makes \['completions'\] positional-only",
+    ):
+        RewardSet([("posonly", posonly, 1.0)])
+
+    def with_default(flag=False, /, *, completions):  # never given, so never missing
+        return [float(flag)] * len(completions)
+
+    _, raw = RewardSet([("with_default", with_default, 1.0)])(PROMPTS, COMPLETIONS)
+    assert raw["with_default"].tolist() == [0.0] * 3
+
+
 def test_letter_reward_through_the_set():
     total, _ = RewardSet([("letter", toy.letter_reward, 1.0)])(
         PROMPTS, COMPLETIONS, columns={"letter": list("abc")}
