@@ -28,18 +28,22 @@ def field_type(cls, f: dataclasses.Field) -> type:
 def _coerce(cls, f: dataclasses.Field, value: Any, where: str) -> Any:
     t = field_type(cls, f)
     try:
-        if t is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
+        if t is bool:  # a bool, or YAML's words for one quoted as text; `progress: 5` is no answer
+            if value is None:  # `progress:` left empty in a YAML file
+                return f.default
+            if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+                return _BOOL_WORDS[value.lower()]
+            if not isinstance(value, bool):
                 raise ValueError(value)
-            return bool(value)
+            return value
         if t is list:
             if value is None:  # `reward:` left empty in a YAML file
                 return []
+            if isinstance(value, dict):  # `reward: {f: x.py:g}`: not one reward, nor a list of them
+                raise ValueError(value)
             items = value if isinstance(value, list | tuple) else [value]
+            if any(isinstance(v, bool | list | tuple | dict) for v in items):
+                raise ValueError(value)
             if f.name == "reward_weights":
                 return [float(v) for v in items]
             return [_home(str(v)) for v in items]
@@ -55,10 +59,15 @@ def _coerce(cls, f: dataclasses.Field, value: Any, where: str) -> Any:
             return _home(str(value))
         if t is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
+        if t in (int, float) and isinstance(value, bool):  # `steps: true` is not 1
+            raise ValueError(value)
         return t(value)
     except (TypeError, ValueError):
         want = "numbers" if f.name == "reward_weights" else t.__name__
         raise ConfigError(f"{where}: {f.name} expects {want}, got {value!r}") from None
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
 def _home(value: str) -> str:
@@ -88,10 +97,54 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x}); re-save the file as UTF-8"
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_unique_key_loader()) or {}
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}:{e.line}: key {e.key!r} is given twice") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(f"{path}: key {key!r} is not an option name such as steps")
     return data
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line: int):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+@functools.cache
+def _unique_key_loader():
+    """yaml's SafeLoader, but a key given twice in one mapping is an error (`_DuplicateKey`), where
+    SafeLoader keeps the last value. Keys merged in with `<<:` may still be overridden."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    again = key in seen
+                except TypeError:  # unhashable: SafeLoader's own construct_mapping says so
+                    continue
+                if again:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
