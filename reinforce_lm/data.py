@@ -51,6 +51,10 @@ def _check_messages(where: str, key: str, messages) -> list[dict]:
             raise DataError(
                 f"{where}: {key}[{j}] must be an object with string 'role' and 'content', got {m!r}"
             )
+        # Templates write the role verbatim or branch on it: an empty one renders a header that names
+        # no one, or no turn at all. Other roles are left to the template (tool, developer, ipython...).
+        if not m["role"].strip():
+            raise DataError(f"{where}: {key}[{j}] has an empty 'role'")
     return messages
 
 

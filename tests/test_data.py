@@ -216,6 +216,10 @@ def test_load_prompts_custom_column(tmp_path, tokenizer):
         ({"prompt": "  "}, r"p\.jsonl:2: empty prompt"),
         ({"messages": "hi"}, r"p\.jsonl:2: column 'messages' must be a non-empty list"),
         ({"messages": [{"role": "user"}]}, r"p\.jsonl:2: messages\[0\] must be an object"),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": " ", "content": "b"}]},
+            r"p\.jsonl:2: messages\[1\] has an empty 'role'",
+        ),
     ],
 )
 def test_load_prompts_bad_rows(tmp_path, tokenizer, row, match):
