@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--output-dir", default=None, help="Keep the demo's files here (default: a temp dir).")
     demo.add_argument("--steps", type=int, default=None, help="RL steps (default: the demo's own).")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--seed", type=int, default=0, help="Seed of the data, the model and the runs (default 0)."
+    )
     parser.commands["demo"] = demo
     return parser
 

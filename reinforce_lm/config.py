@@ -156,7 +156,7 @@ class EngineConfig:
     fsdp: bool = _f(
         False, "Under torchrun: shard the policy and its optimiser with FSDP2 instead of replicating (DDP)."
     )
-    lora_r: int = _f(0, "LoRA rank (needs `pip install reinforce-lm[peft]`); 0 trains all weights.")
+    lora_r: int = _f(0, "LoRA rank (needs `pip install 'reinforce-lm[peft]'`); 0 trains all weights.")
     lora_alpha: float = _f(16.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA branch (0 keeps the sampler and update consistent).")
     lora_target_modules: str = _f(
@@ -239,7 +239,7 @@ class TrainConfig(EngineConfig):
     )
     # PPO
     critic_model: str = _f("", "PPO critic backbone (default: the first reward model, else the policy).")
-    critic_lr: float = _f(0.0, "PPO critic learning rate (default: 10x lr).")
+    critic_lr: float = _f(0.0, "PPO critic learning rate; 0: 10x lr.")
     vf_coef: float = _f(0.1, "PPO value-loss coefficient.")
     value_clip_eps: float = _f(0.2, "PPO value clipping epsilon.")
     lam: float = _f(0.95, "PPO GAE lambda.")

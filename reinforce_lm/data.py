@@ -22,16 +22,18 @@ IGNORE_INDEX = -100  # label value that the cross-entropy loss skips
 _SHOW = 3  # how many row locations a warning lists
 
 
-def _missing(where: str, wanted: str | list[str], row: dict) -> DataError:
+def _missing(where: str, wanted: str | list[str], row: dict, option: str = "") -> DataError:
     """A DataError for a row without column `wanted` (or any of them), listing the row's columns and the
-    nearest name, or saying that the column is there but empty."""
+    nearest name (and the `option` that names the column instead), or saying that the column is there
+    but empty."""
     names = [wanted] if isinstance(wanted, str) else wanted
     empty = [k for k in names if k in row]
     if empty:  # there, but null: an empty CSV cell, a JSON null
         return DataError(f"{where}: column {empty[0]!r} is empty (null)")
     near = difflib.get_close_matches(names[0], [str(k) for k in row], n=1, cutoff=0.6)
     hint = (
-        f"; is {near[0]!r} a misspelling? rename it to {names[0]!r}, or name it with the column option"
+        f"; is {near[0]!r} a misspelling? rename it to {names[0]!r}"
+        + (f", or pass {option} {near[0]}" if option else "")
         if near
         else ""
     )
@@ -130,7 +132,7 @@ def load_prompts(
             text = render_chat(tokenizer, where, messages, add_generation_prompt=True)
             chats[-1] = messages
         else:
-            raise _missing(where, [prompt_column, messages_column], row)
+            raise _missing(where, [prompt_column, messages_column], row, "--prompt-column")
         if not text.strip():
             raise DataError(f"{where}: empty prompt")
         texts.append(text)

@@ -327,7 +327,9 @@ def run_eval(cfg) -> int:
     try:
         mean, rows = evaluate(cfg, d)
         if d.is_main:
-            print(f"mean reward over {cfg.prompts}: {mean:.4f}")
+            names = [getattr(r, "__name__", str(r)) for r in cfg.reward] + list(cfg.reward_model)
+            weights = f" x {cfg.reward_weights}" if cfg.reward_weights else ""
+            print(f"mean reward over {cfg.prompts} of {cfg.model} ({', '.join(names)}{weights}): {mean:.4f}")
             for prompt, completion, score in rows[: cfg.show]:
                 print(f"  [{score:+.3f}] {prompt!r} -> {completion!r}")
         return 0

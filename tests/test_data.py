@@ -209,7 +209,7 @@ def test_load_prompts_custom_column(tmp_path, tokenizer):
         (
             {"promt": "a?"},
             r"p\.jsonl:2: no 'prompt' or 'messages' column; this row has \['promt'\]; "
-            r"is 'promt' a misspelling\? rename it to 'prompt'",
+            r"is 'promt' a misspelling\? rename it to 'prompt', or pass --prompt-column promt$",
         ),
         ({"prompt": None, "answer": 1}, r"p\.jsonl:2: column 'prompt' is empty \(null\)"),
         ({"prompt": 3}, r"p\.jsonl:2: column 'prompt' must be text, got int"),

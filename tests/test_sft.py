@@ -118,7 +118,7 @@ def test_packing_and_exact_resume(tmp_path, llama_dir):
         ({"prompt": "a?", "completion": "  "}, r"bad.jsonl:2: empty completion"),
         (
             {"prompt": "a?", "completon": "aa"},
-            r"bad.jsonl:2: no 'completion' column.*is 'completon' a misspelling",
+            r"bad.jsonl:2: no 'completion' column.*is 'completon' a misspelling\? rename it to 'completion'$",
         ),
     ],
 )

@@ -22,8 +22,8 @@ reinforce-lm sft --model "$OUT/base" --data "$OUT/data/sft.jsonl" --output-dir "
 reinforce-lm reward --model "$OUT/sft" --data "$OUT/data/preferences.jsonl" --output-dir "$OUT/rm" \
   --steps 60 --batch-size 16 --lr 1e-3 --eval-fraction 0.1
 
-# A run's output directory stands for its latest checkpoint.
-RM="$OUT/rm/$(cat "$OUT/rm/latest")"
+# A run's output directory stands for its latest checkpoint, wherever a model is expected.
+RM="$OUT/rm"
 
 reinforce-lm eval --model "$OUT/sft" --prompts "$OUT/data/eval_prompts.jsonl" --reward-model "$RM" \
   --max-new-tokens 4
@@ -33,11 +33,14 @@ reinforce-lm train --model "$OUT/sft" --reward-model "$RM" --prompts "$OUT/data/
   --estimator rloo --steps 30 --prompts-per-step 8 --samples-per-prompt 4 --max-new-tokens 4 \
   --lr 3e-3 --beta 0.05
 
-reinforce-lm eval --model "$OUT/rl/$(cat "$OUT/rl/latest")" --prompts "$OUT/data/eval_prompts.jsonl" \
+reinforce-lm eval --model "$OUT/rl" --prompts "$OUT/data/eval_prompts.jsonl" \
   --reward-model "$RM" --max-new-tokens 4
 
 # The task's own (verifiable) reward, which the reward model only learned from pairs: did RL improve it?
+# Often not: a reward model this small is easy to exploit, and RL finds completions it overrates
+# (reward hacking; the README's demo shows the same). Add the verifiable reward to train
+# (--reward reinforce_lm.toy:letter_reward --reward-weights 1 1) or raise --beta to hold RL near SFT.
 reinforce-lm eval --model "$OUT/sft" --prompts "$OUT/data/eval_prompts.jsonl" \
   --reward reinforce_lm.toy:letter_reward --max-new-tokens 4
-reinforce-lm eval --model "$OUT/rl/$(cat "$OUT/rl/latest")" --prompts "$OUT/data/eval_prompts.jsonl" \
+reinforce-lm eval --model "$OUT/rl" --prompts "$OUT/data/eval_prompts.jsonl" \
   --reward reinforce_lm.toy:letter_reward --max-new-tokens 4
