@@ -52,6 +52,14 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
+    def gather_shares(self, mine: list) -> list:
+        """The whole list from each rank's `rank_chunks` share (every world_size-th item), in order."""
+        if not self.enabled:
+            return mine
+        shares = [None] * self.world_size
+        dist.all_gather_object(shares, mine)
+        return [s[i] for i in range(max(map(len, shares))) for s in shares if i < len(s)]
+
 
 def rank_chunks(items: list, d: Dist, size: int) -> list[tuple[list, float]]:
     """This rank's share of `items` (every world_size-th) in chunks of `size`, as (chunk, weight). Every
@@ -83,8 +91,14 @@ def setup(device: str = "auto") -> Dist:
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def teardown() -> None:
+def teardown(clean: bool = True) -> None:
+    """End the process group. `clean`: every rank got here without an error, so they meet in a barrier
+    first. Without it, a process that destroyed its group while a peer was still finishing the last
+    collective aborted them both now and then with gloo ("terminate called without an active
+    exception", exit code 1 after a finished eval). After an error no collective: it could wait forever."""
     if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -125,6 +139,14 @@ def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """After a no-grad forward, FSDP2 leaves the root's parameters unsharded (gathered); put the shards
+    back, or the optimiser (which holds the shards) and the checkpoint no longer see the same tensors.
+    Every stage's `evaluate` ends with it: the step-0 one runs before the optimiser is built."""
+    if is_sharded(model):
+        model.reshard()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import random
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -233,7 +234,7 @@ def build_train_stage(cfg, d, resume=None):
         stage.sampler.sync_stop = d.all_true
     if d.is_main:
         method = "ppo" if cfg.algorithm == "ppo" else cfg.estimator
-        n = sum(p.numel() for p in policy.parameters()) * (d.world_size if cfg.fsdp else 1)
+        n = sum(p.numel() for p in policy.parameters())  # FSDP2's DTensors report their full size
         ref = "none (beta=0)" if reference is None else (cfg.ref_model or cfg.model)
         print(
             f"train: {method} on {len(prompts)} prompts, {cfg.prompts_per_step} x {cfg.samples_per_prompt} "
@@ -295,7 +296,7 @@ def run_stage(cfg, build, use_as: str = "--model") -> int:
             print(f"{what} at {result['checkpoint']} (step {result['step']}); pass {use_as} {cfg.output_dir}")
         return 130 if result["interrupted"] else 0
     finally:
-        distributed.teardown()
+        distributed.teardown(clean=sys.exc_info()[0] is None)
 
 
 def run_train(cfg) -> int:
@@ -319,7 +320,8 @@ def evaluate(cfg, d):
     if not cfg.greedy:
         note_sampling(cfg, model, d)
     sampler = Sampler.from_config(tokenizer, cfg)
-    return evaluate_policy(model, sampler, rewards, prompts, cfg.seed, d, greedy=cfg.greedy)
+    mean, rows = evaluate_policy(model, sampler, rewards, prompts, cfg.seed, d, greedy=cfg.greedy)
+    return mean, d.gather_shares(rows)  # every rank's rows, in the file's order
 
 
 def run_eval(cfg) -> int:
@@ -334,7 +336,7 @@ def run_eval(cfg) -> int:
                 print(f"  [{score:+.3f}] {prompt!r} -> {completion!r}")
         return 0
     finally:
-        distributed.teardown()
+        distributed.teardown(clean=sys.exc_info()[0] is None)
 
 
 def run_eval_mean(model: str, prompts: str, reward: list[str], reward_model=(), **kw) -> float:

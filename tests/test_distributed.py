@@ -71,11 +71,12 @@ def one_process(argv: list[str]) -> None:
         os.environ.update(env)
 
 
-def two_processes(argv: list[str], entry: tuple[str, ...] = ("-m", "reinforce_lm")) -> None:
+def two_processes(argv: list[str], entry: tuple[str, ...] = ("-m", "reinforce_lm")) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     p = subprocess.run([*cmd, *entry, *argv], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
 
 
 def max_diff(a: Path, b: Path) -> float:
@@ -90,10 +91,20 @@ def max_diff(a: Path, b: Path) -> float:
     ids=["grpo-fsdp", "reinforce_pp-ddp"],
 )
 def test_two_processes_equal_one_and_resume_on_one(setup, estimator, extra):
+    """FSDP with held-out prompts too: the step-0 evaluation ran before the optimiser was built and left
+    the root's parameters gathered, so AdamW held the gathered tensors (another update from step 1),
+    and the last one left them gathered for the final save (a KeyError: no checkpoint at all)."""
     root, model, prompts = setup
     one, two = root / f"one-{estimator}", root / f"two-{estimator}"
-    one_process(args(model, prompts, one, estimator, 3))
-    two_processes(args(model, prompts, two, estimator, 2, *extra))
+    if "--fsdp" in extra:
+        evals = [f"--eval-prompts={prompts}", "--eval-every=2"]
+        extra = [*extra, *evals]
+        one_process(args(model, prompts, one, estimator, 3, *evals))
+    else:
+        one_process(args(model, prompts, one, estimator, 3))
+    printed = two_processes(args(model, prompts, two, estimator, 2, *extra))
+    n = sum(t.numel() for t in load_file(model / "model.safetensors").values())
+    assert f"policy {n / 1e6:.3g}M parameters" in printed  # counted once, sharded or not
 
     # the whole run (sampling included) equals the 1-process run
     d2 = max_diff(one / "checkpoint-2", two / "checkpoint-2")
@@ -101,17 +112,39 @@ def test_two_processes_equal_one_and_resume_on_one(setup, estimator, extra):
     assert max_diff(one / "checkpoint-2", model) > 1e-3  # and it did train
     # rank 0 wrote the checkpoint and the metrics once, reduced over both ranks
     m1, m2 = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    m1, m2, e1, e2 = *(train_rows(m) for m in (m1, m2)), *(eval_rows(m) for m in (m1, m2))
     assert [r["step"] for r in m2] == [1, 2]
     for a, b in zip(m1[:2], m2, strict=True):
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-6)
         assert a["completion_tokens"] == b["completion_tokens"]
+    for a, b in zip(e1[:2], e2, strict=True):  # steps 0 and 2 (the one-process run goes on to 3)
+        assert a["eval_reward_mean"] == pytest.approx(b["eval_reward_mean"], abs=1e-6)
 
     # resumed with ONE process (optimiser state saved by name, unsharded), it ends where 1 process does
     one_process(args(model, prompts, two, estimator, 3, "--resume"))
     d3 = max_diff(one / "checkpoint-3", two / "checkpoint-3")
     print(f"{estimator} {extra}: max |2-proc - 1-proc| after 2 steps {d2:.2e}, resumed to 3 {d3:.2e}")
     assert d3 < TOL
-    assert [r["step"] for r in read_metrics(two / "metrics.jsonl")] == [1, 2, 3]
+    assert [r["step"] for r in train_rows(read_metrics(two / "metrics.jsonl"))] == [1, 2, 3]
+
+
+def test_eval_under_torchrun_prints_what_one_process_prints(setup, capsys):
+    """The mean was reduced, but the sample rows shown were rank 0's share (every other prompt)."""
+    root, model, prompts = setup
+    argv = ["eval", f"--model={model}", f"--prompts={prompts}", "--reward=reinforce_lm.toy:letter_reward"]
+    argv += ["--max-new-tokens=4", "--show=5"]
+    one_process(argv)
+    alone = capsys.readouterr().out
+    assert alone.count("\n  [") == 5
+    assert two_processes(argv) == alone
+
+
+def train_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "reward_mean" in r]
+
+
+def eval_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "eval_reward_mean" in r]
 
 
 def test_chunked_head_under_ddp_equals_one_process(setup, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import torch
 
 from reinforce_lm import algorithms as A
 from reinforce_lm.data import PromptData, step_indices
-from reinforce_lm.distributed import Dist, rank_chunks, unwrap
+from reinforce_lm.distributed import Dist, rank_chunks, reshard, unwrap
 from reinforce_lm.logprobs import in_chunks, token_logprobs
 from reinforce_lm.rewards import RewardSet
 from reinforce_lm.rollout import Rollout, Sampler, row_seeds
@@ -324,6 +324,7 @@ class ReinforceStage:
         scores = evaluate_policy(
             unwrap(self.policy), self.sampler, self.rewards, self.eval_prompts, self.cfg.seed, self.d
         )[0]
+        reshard(unwrap(self.policy))
         return {"eval_reward_mean": scores}
 
 

@@ -23,7 +23,7 @@ from reinforce_lm.data import split_eval, step_indices
 from reinforce_lm.distributed import Dist, rank_chunks, unwrap
 from reinforce_lm.errors import ConfigError
 from reinforce_lm.preferences import collate_preferences, load_preferences
-from reinforce_lm.stages.sft import reshard, resolve_eval_every
+from reinforce_lm.stages.sft import resolve_eval_every
 
 
 @dataclass
@@ -183,7 +183,7 @@ class RewardStage:
                 ]
             )
         model.train(was_training)
-        reshard(model)
+        distributed.reshard(model)
         sums = d.reduce_sum(sums)
         loss, correct, gap, count = (sums / sums[3].clamp(min=1)).tolist()
         return {"eval_loss": loss, "eval_accuracy": correct, "eval_reward_gap": gap}

@@ -117,16 +117,9 @@ class SFTStage:
             total += nll.double() * real
             count += n.double() * real
         model.train(was_training)
-        reshard(model)
+        distributed.reshard(model)
         loss = (d.reduce_sum(total) / d.reduce_sum(count).clamp(min=1)).item()
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
-
-
-def reshard(model) -> None:
-    """After a no-grad forward, FSDP2 leaves the root's parameters unsharded (gathered); put the shards
-    back, or the optimiser (which holds the shards) and the checkpoint no longer see the same tensors."""
-    if distributed.is_sharded(model):
-        model.reshard()
 
 
 def load_sft_splits(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict]]:
