@@ -378,7 +378,8 @@ class Sampler:
             eos_token_id=self.eos_ids(model),
         )
         ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-        own, model.generation_config = model.generation_config, GenerationConfig()
+        owner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the base's
+        own, owner.generation_config = owner.generation_config, GenerationConfig()
         try:
             out = model.generate(
                 input_ids=ids,
@@ -387,7 +388,7 @@ class Sampler:
                 synced_gpus=self.sync_stop is not None,
             )
         finally:
-            model.generation_config = own
+            owner.generation_config = own
         resp = out[:, ids.shape[1] :]
         if resp.shape[1] == 0:
             resp = torch.full((ids.shape[0], 1), self.pad_id, device=ids.device)

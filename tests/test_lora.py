@@ -118,6 +118,27 @@ def test_an_adapter_saved_from_a_relative_model_path_loads_from_anywhere(tmp_pat
     assert load_tokenizer(str(adapter)).get_vocab() == load_tokenizer(str(llama_dir)).get_vocab()
 
 
+def test_hf_backend_ignores_the_base_models_generation_config_under_lora(llama_dir, tokenizer):
+    """peft's generate() runs the base model's, which reads the base's generation_config: the one the
+    hf backend must blank out, not an attribute on the wrapper."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    from reinforce_lm.rollout import Sampler
+
+    model = apply_lora(load_causal_lm(str(llama_dir)), 4, 8.0, 0.0, "all-linear")
+    plain = copy.deepcopy(model)
+    model.get_base_model().generation_config = GenerationConfig(do_sample=True, top_k=2, temperature=0.3)
+    sampler = Sampler(tokenizer, max_new_tokens=6, backend="hf")
+    runs = []
+    for m in (model, plain):
+        torch.manual_seed(1)
+        runs.append(sampler.sample(m, ["a?", "b?"], torch.arange(2), 8).response_ids)
+    assert torch.equal(*runs)
+    assert model.get_base_model().generation_config.top_k == 2  # put back
+
+
 def test_chunked_head_with_an_adapter_on_the_head(monkeypatch, llama_dir, tokenizer):
     """LoRA on the LM head too: the chunked head runs inside the forward, so the reference (adapter
     disabled) scores with the base head and the policy with its adapted head, as the model's logits do."""
