@@ -155,7 +155,9 @@ def _text_sft(tokenizer, where: str, row: dict) -> tuple[list[int], list[int]]:
             raise DataError(f"{where}: column {key!r} must be text, got {type(row[key]).__name__}")
     if not row["completion"].strip():
         raise DataError(f"{where}: empty completion")
-    prompt_ids = tokenizer(row["prompt"])["input_ids"]
+    bos = tokenizer.bos_token  # a prompt that writes its BOS gets no second one (as `Sampler.encode`)
+    prompt_ids = tokenizer(row["prompt"], add_special_tokens=not (bos and row["prompt"].startswith(bos)))
+    prompt_ids = prompt_ids["input_ids"]
     completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         completion_ids = completion_ids + [tokenizer.eos_token_id]

@@ -19,7 +19,12 @@ class RewardModel:
     prompt given as a conversation (the `messages_key` column) that conversation with the completion as
     the assistant's turn, rendered by its chat template (unless the reward stage recorded in its
     config that it trained on text pairs only). In batches, right-padded; a text longer than
-    `max_length` tokens keeps its last ones (and BOS), so the completion is always scored."""
+    `max_length` tokens (default: the `--max-length` it was trained with, recorded in its config)
+    keeps its last ones (and BOS), so the completion is always scored.
+
+    The score is read where the model's own pooling reads it: at the last token that is not its pad
+    id. A tokenizer without a pad token pads with EOS, so a text that ends with EOS (a chat template's
+    end of turn, Llama 3's <|eot_id|>) is scored at the token before it, in training and here alike."""
 
     def __init__(
         self,
@@ -27,7 +32,7 @@ class RewardModel:
         device="cpu",
         dtype=None,
         batch_size: int = 32,
-        max_length: int = 1024,
+        max_length: int | None = None,
         messages_key: str = "messages",
     ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -66,6 +71,8 @@ class RewardModel:
             self.model.config.get_text_config().pad_token_id = pad_id
         self.pad_id = pad_id  # we pad with the model's own id, so its pooling finds the last real token
         self.model.to(device).eval().requires_grad_(False)
+        if max_length is None:  # the length `reinforce-lm reward` trained it on (config.json), else 1024
+            max_length = getattr(self.model.config, "reinforce_lm_max_length", None) or 1024
         ctx = positions(self.model.config)  # past them, learned position tables raise an index error
         max_length = min(max_length, ctx) if ctx else max_length
         self.device, self.batch_size, self.max_length = torch.device(device), batch_size, max_length

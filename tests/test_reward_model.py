@@ -142,9 +142,11 @@ def test_reward_model_with_a_different_tokenizer_drives_train(tmp_path, llama_di
     tok.save_pretrained(base)
     assert tok("c?")["input_ids"] != toy.make_tokenizer()("c?")["input_ids"]
     data = write_jsonl(tmp_path / "pairs.jsonl", letter_pairs(32, seed=0))
-    cli.main(rm_args(base, data, tmp_path / "rm", "--steps", "2", "--batch-size", "8"))
+    cli.main(rm_args(base, data, tmp_path / "rm", "--steps", "2", "--batch-size", "8", "--max-length", "48"))
     rm_path = tmp_path / "rm" / (tmp_path / "rm" / "latest").read_text().strip()
     assert json.loads((rm_path / "config.json").read_text())["reinforce_lm_pairs"] == "text"  # as RL scores
+    # and cut to the length it trained on (it was RewardModel's 1024 whatever --max-length said)
+    assert RewardModel(rm_path).max_length == 48 and RewardModel(rm_path, max_length=20).max_length == 20
     prompts = write_jsonl(tmp_path / "prompts.jsonl", toy.letter_prompts(8, seed=0))
     cli.main(
         ["train", "--model", str(llama_dir), "--reward-model", str(rm_path), "--prompts", prompts]

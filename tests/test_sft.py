@@ -54,6 +54,31 @@ def test_prompt_tokens_get_no_loss(tmp_path, llama_dir):
     assert count == 7 and nll.item() == pytest.approx(manual, rel=1e-5)
 
 
+def test_a_prompt_that_writes_its_bos_gets_one_as_in_rl(tmp_path):
+    """A tokenizer that adds BOS and a text prompt that starts with it: SFT's prompt ids equal the ids
+    RL samples from (one BOS), where SFT added a second one."""
+    from tokenizers import processors
+
+    from reinforce_lm.data import load_sft
+    from reinforce_lm.rollout import Sampler
+
+    tok = toy.make_tokenizer()
+    bos, bos_id = tok.bos_token, tok.bos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, bos_id)]
+    )
+    for prompt in (bos + "c?", "c?"):
+        path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": prompt, "completion": "cc"}])
+        (ex,) = load_sft(path, tok, max_length=64)
+        n_prompt = ex["labels"].index(next(x for x in ex["labels"] if x != IGNORE_INDEX))
+        ids, _ = Sampler(tok, max_new_tokens=2).encode([prompt], "cpu")
+        assert (
+            ex["input_ids"][:n_prompt]
+            == ids[0].tolist()
+            == [bos_id, *tok("c?", add_special_tokens=False)["input_ids"]]
+        )
+
+
 def test_micro_batches_sum_to_the_batch_loss(tmp_path, llama_dir):
     """Loss divided by the global label-token count: any micro-batching gives the same gradient."""
     tok = load_tokenizer(str(llama_dir))

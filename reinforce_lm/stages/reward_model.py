@@ -216,6 +216,7 @@ def build_reward_stage(cfg: RewardConfig, d: Dist, resume=None) -> RewardStage:
     # Saved in config.json: RL then scores completions as these pairs were rendered (rewards.RewardModel).
     chat = {p["chat"] for p in train + held_out}
     model.config.reinforce_lm_pairs = "messages" if chat == {True} else "text" if chat == {False} else "mixed"
+    model.config.reinforce_lm_max_length = cfg.max_length  # and cut them to the length it trained on
     disable_dropout(model)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)

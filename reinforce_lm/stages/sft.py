@@ -38,7 +38,11 @@ class SFTConfig(EngineConfig):
     batch_size: int = _f(16, "Examples per optimiser step, over all processes.")
     max_length: int = _f(1024, "Longest example in tokens (and the packed chunk length).")
     truncate: bool = _f(True, "Cut over-long examples from the right (--no-truncate skips them).")
-    packing: bool = _f(False, "Concatenate training examples into max_length chunks (no padding).")
+    packing: bool = _f(
+        False,
+        "Concatenate training examples into max_length chunks (no padding). Packed examples attend to "
+        "the ones before them in their chunk (no block-diagonal mask); the loss stays on completions.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
