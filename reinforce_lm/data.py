@@ -74,6 +74,22 @@ def render_chat(tokenizer, where: str, messages: list[dict], add_generation_prom
         raise DataError(f"{where}: the chat template failed on these messages: {err}") from None
 
 
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant's message (ChatML's
+    <|im_end|>, Gemma's <end_of_turn>, Llama 3's <|eot_id|>), or None: no template, no special token
+    there, or a template that cannot render a plain user/assistant exchange."""
+    mark = "reinforce-lm-end-of-turn-probe"
+    try:
+        text = render_chat(
+            tokenizer, "", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}], False
+        )
+    except DataError:
+        return None
+    after = text[text.find(mark) + len(mark) :] if mark in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
+    return ids[0] if ids and ids[0] in set(tokenizer.all_special_ids) else None
+
+
 def conversation_ids(tokenizer, where: str, messages: list[dict]) -> list[int]:
     """Token ids of a whole conversation as its chat template renders it (the template writes any special
     tokens itself): what a reward model is trained on and scores (`rewards.RewardModel`)."""

@@ -119,6 +119,7 @@ class Sampler:
         self.sync_stop = None
         self._warned_cut = False
         self._said_no_eos = False
+        self.stop_ids: set[int] = set()  # ends a completion besides EOS (`stop_at_end_of_turn`)
 
     @classmethod
     def from_config(cls, tokenizer, cfg) -> Sampler:
@@ -137,7 +138,7 @@ class Sampler:
         )
 
     def eos_ids(self, model) -> list[int]:
-        ids = {self.tok.eos_token_id}
+        ids = {self.tok.eos_token_id, *self.stop_ids}
         gen = getattr(model, "generation_config", None)
         extra = getattr(gen, "eos_token_id", None) if gen is not None else None
         ids |= set(extra if isinstance(extra, list) else [extra])

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from reinforce_lm import checkpoint, distributed
-from reinforce_lm.data import load_prompts
+from reinforce_lm.data import end_of_turn_id, load_prompts
 from reinforce_lm.errors import ConfigError, DataError, ReinforceLMError, RewardError
 from reinforce_lm.lora import RefViaDisabledAdapter, apply_lora
 from reinforce_lm.metrics import MetricsLogger
@@ -151,6 +151,20 @@ def fit_to_context(cfg, key: str, paths: str | list[str], d, reserve: int = 0):
     return dataclasses.replace(cfg, **{key: ctx - reserve})
 
 
+def stop_at_end_of_turn(sampler, tokenizer, datasets: list, model, d) -> None:
+    """Chat prompts: stop completions at the token that ends the assistant's turn in the template, where
+    neither the tokenizer's EOS nor the model's generation_config lists it (a base Qwen's EOS is
+    <|endoftext|>, its template ends turns with <|im_end|>): else they run to max_new_tokens and on into
+    invented turns."""
+    chat = any(any(data.templated) for data in datasets if data is not None)
+    end = end_of_turn_id(tokenizer) if chat else None
+    if end is not None and end not in sampler.eos_ids(model):
+        sampler.stop_ids.add(end)
+        if d.is_main:
+            print(f"note: completions also stop at {tokenizer.convert_ids_to_tokens(end)!r}, which ends "
+                  "the assistant's turn in the chat template (it is not the model's EOS)")  # fmt: skip
+
+
 def note_sampling(cfg, model, d) -> None:
     """Say once where the model's generation_config.json would sample otherwise than this run does."""
     theirs = sampling_settings(model)
@@ -232,6 +246,7 @@ def build_train_stage(cfg, d, resume=None):
         stage = ReinforceStage(cfg, policy, tokenizer, reference, rewards, prompts, d, eval_prompts)
     if cfg.fsdp and d.enabled:  # sharded forwards are collective: ranks stop decoding together
         stage.sampler.sync_stop = d.all_true
+    stop_at_end_of_turn(stage.sampler, tokenizer, [prompts, eval_prompts], distributed.unwrap(policy), d)
     if d.is_main:
         method = "ppo" if cfg.algorithm == "ppo" else cfg.estimator
         n = sum(p.numel() for p in policy.parameters())  # FSDP2's DTensors report their full size
@@ -320,6 +335,7 @@ def evaluate(cfg, d):
     if not cfg.greedy:
         note_sampling(cfg, model, d)
     sampler = Sampler.from_config(tokenizer, cfg)
+    stop_at_end_of_turn(sampler, tokenizer, [prompts], model, d)
     mean, rows = evaluate_policy(model, sampler, rewards, prompts, cfg.seed, d, greedy=cfg.greedy)
     return mean, d.gather_shares(rows)  # every rank's rows, in the file's order
 

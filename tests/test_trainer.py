@@ -94,6 +94,38 @@ def test_a_models_own_sampling_settings_are_noted_not_used(task, tmp_path, capsy
     assert "generation_config.json samples" not in capsys.readouterr().out
 
 
+def test_chat_prompts_stop_at_the_templates_end_of_turn(task, tmp_path, capsys):
+    """A base model's EOS is not the token its chat template ends a turn with (Qwen: <|endoftext|> and
+    <|im_end|>): completions of chat prompts stop at that token too, with a note; a template that ends
+    turns with EOS, or text prompts, add nothing."""
+    from reinforce_lm.data import end_of_turn_id
+    from reinforce_lm.distributed import Dist
+    from reinforce_lm.runner import run_eval_mean
+
+    tok = toy.make_tokenizer()
+    assert end_of_turn_id(tok) == tok.eos_token_id  # the toy template ends assistant turns with EOS
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}a:{% endif %}"
+    )
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_id(tok) == end
+    model_dir = tmp_path / "chatml"
+    toy.make_model("llama", tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    chats = [{"messages": [{"role": "user", "content": r["prompt"]}]} for r in toy.letter_prompts(8)]
+    write_jsonl(tmp_path / "chat.jsonl", chats)
+    cfg = config(task, tmp_path / "run", model=str(model_dir), prompts=str(tmp_path / "chat.jsonl"), steps=1)
+    stage = build_train_stage(cfg, Dist())
+    assert end in stage.sampler.eos_ids(stage.policy)
+    assert "note: completions also stop at '<|im_end|>'" in capsys.readouterr().out
+    run_eval_mean(str(model_dir), str(tmp_path / "chat.jsonl"), [REWARD], max_new_tokens=2)
+    assert "also stop at '<|im_end|>'" in capsys.readouterr().out
+    text = config(task, tmp_path / "text", model=str(model_dir), steps=1)  # text prompts: no template
+    assert end not in build_train_stage(text, Dist()).sampler.eos_ids(stage.policy)
+
+
 def test_metrics_have_the_documented_keys(task, tmp_path):
     run_train(config(task, tmp_path, steps=2, beta=0.05))
     row = read_metrics(tmp_path / "metrics.jsonl")[-1]
