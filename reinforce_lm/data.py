@@ -74,6 +74,19 @@ def render_chat(tokenizer, where: str, messages: list[dict], add_generation_prom
         raise DataError(f"{where}: the chat template failed on these messages: {err}") from None
 
 
+def writes_bos(tokenizer, text: str) -> bool:
+    """The text starts with the tokenizer's BOS string (a rendered chat template, a prompt written so):
+    tokenized without the tokenizer's own special tokens, it gets one BOS, not two."""
+    bos = tokenizer.bos_token
+    return bool(bos) and text.startswith(bos)
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a plain text as every stage reads it: with the tokenizer's special tokens (its BOS),
+    unless the text writes its BOS itself (`Sampler.encode` applies the same rule to a batch)."""
+    return tokenizer(text, add_special_tokens=not writes_bos(tokenizer, text))["input_ids"]
+
+
 def end_of_turn_id(tokenizer) -> int | None:
     """The special token the chat template writes right after an assistant's message (ChatML's
     <|im_end|>, Gemma's <end_of_turn>, Llama 3's <|eot_id|>), or None: no template, no special token
@@ -171,10 +184,16 @@ def _text_sft(tokenizer, where: str, row: dict) -> tuple[list[int], list[int]]:
             raise DataError(f"{where}: column {key!r} must be text, got {type(row[key]).__name__}")
     if not row["completion"].strip():
         raise DataError(f"{where}: empty completion")
-    bos = tokenizer.bos_token  # a prompt that writes its BOS gets no second one (as `Sampler.encode`)
-    prompt_ids = tokenizer(row["prompt"], add_special_tokens=not (bos and row["prompt"].startswith(bos)))
-    prompt_ids = prompt_ids["input_ids"]
-    completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+    prompt_ids = text_ids(tokenizer, row["prompt"])
+    # The completion as the continuation of the prompt: tokenized alone, a SentencePiece tokenizer would
+    # prepend a space ("A:" + "4" trained as "A: 4"). Where the tokens merge across the join (a prompt
+    # ending in a space), the prompt keeps its own ids, as RL samples after them, and the completion
+    # is tokenized alone.
+    full = text_ids(tokenizer, row["prompt"] + row["completion"])
+    if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
+        completion_ids = full[len(prompt_ids) :]
+    else:
+        completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         completion_ids = completion_ids + [tokenizer.eos_token_id]
     return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .data import _pad, conversation_ids, keep_last
+from .data import _pad, conversation_ids, keep_last, text_ids
 from .errors import RewardError
 
 
@@ -89,9 +89,8 @@ class RewardModel:
         plain = [i for i, c in enumerate(is_chat) if not c]
         out: list = [None] * len(prompts)
         if plain:
-            texts = [prompts[i] + completions[i] for i in plain]
-            for i, ids in zip(plain, self.tokenizer(texts)["input_ids"], strict=True):
-                out[i] = ids
+            for i in plain:
+                out[i] = text_ids(self.tokenizer, prompts[i] + completions[i])
         for i in (i for i, c in enumerate(is_chat) if c):
             turns = [*chats[i], {"role": "assistant", "content": completions[i]}]
             out[i] = conversation_ids(self.tokenizer, f"{self.name}, sample {i}", turns)

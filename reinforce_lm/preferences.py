@@ -9,7 +9,7 @@ import reprlib
 
 import torch
 
-from .data import _check_messages, _missing, _pad, _warn, conversation_ids, keep_last
+from .data import _check_messages, _missing, _pad, _warn, conversation_ids, keep_last, text_ids
 from .errors import DataError
 from .files import read_rows
 
@@ -42,7 +42,7 @@ def _pair_ids(tokenizer, where: str, row: dict) -> tuple[list[int], list[int]]:
                 f"got {type(row[key]).__name__}"
             )
     # Tokenized as prompt+completion text, exactly as `rewards.RewardModel` scores completions.
-    return tokenizer(prompt + chosen)["input_ids"], tokenizer(prompt + rejected)["input_ids"]
+    return text_ids(tokenizer, prompt + chosen), text_ids(tokenizer, prompt + rejected)
 
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max  # margins are float32 in the loss (`collate_preferences`)

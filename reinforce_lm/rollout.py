@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reinforce_lm.data import keep_last
+from reinforce_lm.data import keep_last, writes_bos
 from reinforce_lm.decoder import attends, can_select, lean_decoder, preallocate, repeat_cache
 
 # row_seeds: the seeds `Sampler.sample` takes, imported from here by its callers
@@ -159,9 +159,8 @@ class Sampler:
         way, but a pad id whose embedding row is zero (as `padding_idx` leaves it) can run through the
         layers as exact zeros, where a norm's derivative is infinite: Gemma 3n's gradients were NaN
         with left-padded prompts (0 * inf), and with a real token there they are finite."""
-        bos = self.tok.bos_token
         templated = templated or [False] * len(prompts)
-        plain = [not t and not (bos and p.startswith(bos)) for p, t in zip(prompts, templated, strict=True)]
+        plain = [not t and not writes_bos(self.tok, p) for p, t in zip(prompts, templated, strict=True)]
         rows = [None] * len(prompts)
         for special in (False, True):
             which = [i for i, w in enumerate(plain) if w == special]

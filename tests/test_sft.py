@@ -79,6 +79,42 @@ def test_a_prompt_that_writes_its_bos_gets_one_as_in_rl(tmp_path):
         )
 
 
+def test_a_completion_is_tokenized_as_the_prompts_continuation(tmp_path):
+    """A SentencePiece-style tokenizer prepends a space to a text tokenized alone: "A:" + "4" was trained
+    as "A: 4". The completion now continues the prompt's tokens; and a text that writes its BOS gets no
+    second one in preference pairs either."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from reinforce_lm.data import load_sft
+    from reinforce_lm.preferences import load_preferences
+
+    chars = ["<pad>", "<eos>", "<unk>", "<bos>", "\u2581", *"A:4"]
+    sp = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(prepend_scheme="always"), pre_tokenizers.Split(Regex("."), "isolated")]
+    )
+    sp.decoder = decoders.Metaspace(prepend_scheme="always")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=sp, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
+    )
+    assert tok.convert_ids_to_tokens(tok("4")["input_ids"]) == ["\u2581", "4"]  # alone: a space first
+    (ex,) = load_sft(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "A:", "completion": "4"}]), tok, 64)
+    assert tok.convert_ids_to_tokens(ex["input_ids"]) == ["\u2581", "A", ":", "4", "<eos>"]
+    assert tok.convert_ids_to_tokens([x for x in ex["labels"] if x != IGNORE_INDEX]) == ["4", "<eos>"]
+
+    tok = toy.make_tokenizer()
+    bos = tok.bos_token
+    from tokenizers import processors
+
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tok.bos_token_id)]
+    )
+    rows = [{"prompt": bos + "c?", "chosen": "cc", "rejected": "dd"}]
+    (pair,) = load_preferences(write_jsonl(tmp_path / "p.jsonl", rows), tok, 64)
+    assert pair["chosen_ids"].count(tok.bos_token_id) == 1
+
+
 def test_micro_batches_sum_to_the_batch_loss(tmp_path, llama_dir):
     """Loss divided by the global label-token count: any micro-batching gives the same gradient."""
     tok = load_tokenizer(str(llama_dir))
