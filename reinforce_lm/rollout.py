@@ -55,7 +55,6 @@ class Rollout:
         return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)  # [B, Lp+T]
 
 
-# splitmix64 constants as signed int64 (torch has no uint64 arithmetic; int64 products wrap mod 2^64).
 def _cache_of(out, ckw: str):
     """The cache a forward returned (under `ckw`, or `past_key_values`), or None."""
     cache = out.get(ckw)
