@@ -265,6 +265,13 @@ def load_sft(path, tokenizer, max_length: int, truncate: bool = True) -> list[di
             "one: the model does not learn where a completion stops",
             stacklevel=2,
         )
+    if len(rows) > text and end_of_turn_id(tokenizer) is None:
+        warnings.warn(
+            f"{path}: the chat template writes no special token after an assistant's message, so its "
+            f"{len(rows) - text} messages rows end without one: the model does not learn where a reply "
+            "stops (sampling runs to max_new_tokens)",
+            stacklevel=2,
+        )
     _warn(cut, f"longer than max_length={max_length} truncated from the right")
     _warn(
         skipped,

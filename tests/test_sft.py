@@ -229,6 +229,25 @@ def test_a_token_past_the_embedding_is_a_data_error(tmp_path):
         run_sft(cfg)
 
 
+def test_a_chat_template_that_ends_no_turn_is_warned_about(tmp_path, llama_dir):
+    """Messages rows whose template writes nothing after the assistant's text (no EOS, no end-of-turn
+    token) never teach the model to stop; the toy template (EOS after each reply) is not warned about."""
+    import copy
+    import warnings
+
+    from reinforce_lm.data import load_sft
+
+    tok = copy.deepcopy(load_tokenizer(str(llama_dir)))
+    rows = [{"messages": [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "aa"}]}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_sft(path, tok, 64)
+    tok.chat_template = "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
+    with pytest.warns(UserWarning, match="d.jsonl: the chat template writes no special token after an assis"):
+        load_sft(path, tok, 64)
+
+
 def test_a_tokenizer_without_eos_is_warned_about(tmp_path, llama_dir):
     import copy
 
