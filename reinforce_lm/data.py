@@ -9,6 +9,7 @@ and the column at fault. Warnings about truncated or skipped rows name the rows 
 from __future__ import annotations
 
 import difflib
+import math
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -72,6 +73,20 @@ def render_chat(tokenizer, where: str, messages: list[dict], add_generation_prom
         )
     except Exception as err:
         raise DataError(f"{where}: the chat template failed on these messages: {err}") from None
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def finite_float32(value) -> float | None:
+    """`value` as a float where it is a finite float32 number, else None: NaN, inf, or past float32's
+    range, which is inf once in a float32 tensor (10**400 included, which float() cannot even convert).
+    Raises float()'s TypeError or ValueError for what is no number at all."""
+    try:
+        x = float(value)
+    except OverflowError:  # an int (or Fraction) beyond any float
+        return None
+    return x if math.isfinite(x) and abs(x) <= _FLOAT32_MAX else None
 
 
 def writes_bos(tokenizer, text: str) -> bool:

@@ -4,12 +4,20 @@ Errors and warnings name the file and line of the row, as in `data.py`."""
 
 from __future__ import annotations
 
-import math
 import reprlib
 
 import torch
 
-from .data import _check_messages, _missing, _pad, _warn, conversation_ids, keep_last, text_ids
+from .data import (
+    _check_messages,
+    _missing,
+    _pad,
+    _warn,
+    conversation_ids,
+    finite_float32,
+    keep_last,
+    text_ids,
+)
 from .errors import DataError
 from .files import read_rows
 
@@ -45,21 +53,16 @@ def _pair_ids(tokenizer, where: str, row: dict) -> tuple[list[int], list[int]]:
     return text_ids(tokenizer, prompt + chosen), text_ids(tokenizer, prompt + rejected)
 
 
-_FLOAT32_MAX = torch.finfo(torch.float32).max  # margins are float32 in the loss (`collate_preferences`)
-
-
 def _margin(where: str, value) -> float:
     if value is None or value == "":
         return 0.0
     try:
         if isinstance(value, bool):
             raise ValueError
-        margin = float(value)
+        margin = finite_float32(value)  # float32 in the loss (`collate_preferences`)
     except (TypeError, ValueError):
         raise DataError(f"{where}: column 'margin' must be a number, got {reprlib.repr(value)}") from None
-    except OverflowError:  # an integer beyond any float
-        margin = math.inf
-    if not math.isfinite(margin) or abs(margin) > _FLOAT32_MAX:  # inf once a float32
+    if margin is None:
         raise DataError(
             f"{where}: column 'margin' must be a finite float32 number, got {reprlib.repr(value)}"
         )

@@ -15,7 +15,6 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import math
 import numbers
 import reprlib
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .data import finite_float32
 from .errors import RewardError
 from .learned_reward import RewardModel
 
@@ -283,11 +283,8 @@ class RewardSet:
                 raise RewardError(
                     f"reward {name!r} returned a non-number for {_sample(i, sources)}: {_shorten(value)}"
                 )
-            try:
-                score = float(value)
-            except OverflowError:  # an int (or Fraction) beyond any float
-                score = math.inf
-            if not math.isfinite(score) or abs(score) > _FLOAT32_MAX:  # inf once a float32
+            score = finite_float32(value)
+            if score is None:
                 shown = reprlib.repr(value) if isinstance(value, int) else value  # 10**400: 401 digits
                 raise RewardError(
                     f"reward {name!r} returned {shown} for {_sample(i, sources)}; scores must be finite "
@@ -295,9 +292,6 @@ class RewardSet:
                 )
             scores.append(score)
         return torch.tensor(scores, dtype=torch.float32)
-
-
-_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def as_list(value) -> list:
