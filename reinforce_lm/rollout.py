@@ -9,7 +9,7 @@ Two backends behind one interface, `sampler.sample(model, prompts, group_ids, k,
   through the model's forward with its cache written in place (`decoder.preallocate`).
   With `seeded=True` each token is drawn with a uniform that is a hash of (seed, step, prompt, k, t):
   the samples do not depend on the batch layout, so a run is the same on 1 or N processes.
-- `hf`: `transformers`' `generate`, for models with exotic caches.
+- `hf`: `transformers`' `generate` (`hf_generate.py`), for models with exotic caches.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from reinforce_lm.decoder import attends, can_select, lean_decoder, preallocate,
 # row_seeds: the seeds `Sampler.sample` takes, imported from here by its callers
 from reinforce_lm.draws import _draw, _uniforms, filter_logits, row_seeds  # noqa: F401
 from reinforce_lm.errors import DataError
+from reinforce_lm.hf_generate import generate
 from reinforce_lm.models import cache_kwarg, embedding_rows, forward_kwargs, takes_position_ids
 
 
@@ -361,37 +362,19 @@ class Sampler:
         return tokens, logps  # [B, T], [B, T]
 
     def _hf(self, model, ids, mask, k, greedy):
-        """`generate` with our settings alone. It fills every field we leave unset from the model's
-        generation_config.json (Qwen's: top_k 20, top_p 0.8, repetition_penalty 1.05), which would
-        sample from another distribution than the one the update's log-probs are of; so the model's
-        config is swapped for a blank one during the call, and transformers' neutral defaults fill in."""
-        from transformers import GenerationConfig
-
-        cfg = GenerationConfig(
+        return generate(
+            model,
+            ids.repeat_interleave(k, 0),
+            mask.repeat_interleave(k, 0),
             max_new_tokens=self.max_new_tokens,
-            do_sample=not greedy,
             temperature=self.temperature if not greedy else 1.0,
             top_p=self.top_p if not greedy else 1.0,
-            top_k=self.top_k if not greedy else 0,  # 0: off (transformers' own default is 50)
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_ids(model),
+            top_k=self.top_k if not greedy else 0,
+            greedy=greedy,
+            pad_id=self.pad_id,
+            eos_ids=self.eos_ids(model),
+            synced=self.sync_stop is not None,
         )
-        ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-        owner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the base's
-        own, owner.generation_config = owner.generation_config, GenerationConfig()
-        try:
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                generation_config=cfg,
-                synced_gpus=self.sync_stop is not None,
-            )
-        finally:
-            owner.generation_config = own
-        resp = out[:, ids.shape[1] :]
-        if resp.shape[1] == 0:
-            resp = torch.full((ids.shape[0], 1), self.pad_id, device=ids.device)
-        return resp
 
 
 def _check_ids(ids: torch.Tensor, mask: torch.Tensor, model, prompts, pad_id: int) -> None:
