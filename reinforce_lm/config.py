@@ -234,6 +234,11 @@ class TrainConfig(EngineConfig):
         "native backend, Llama/Mistral/Qwen2/Qwen3 models: decode steps by reinforce-lm's own step over "
         "the model's weights (same log-probs, fewer ops); off: the model's forward at every token.",
     )
+    cuda_graphs: bool = _f(
+        True,
+        "On a GPU, with the lean decode step: each decode step replays a captured CUDA graph (one launch "
+        "per token instead of one per op); off: eager steps.",
+    )
     generation_batch_size: int = _f(
         0, "Completions sampled per call, whole groups (bounds the KV cache); 0: this process's whole batch."
     )
@@ -334,6 +339,7 @@ class EvalConfig:
     lean_decode: bool = _f(
         True, "Llama/Mistral/Qwen2/Qwen3: reinforce-lm's decode step; off: the model's forward."
     )
+    cuda_graphs: bool = _f(True, "On a GPU, with the lean decode step: replay each step as a CUDA graph.")
     show: int = _f(5, "How many sample completions to print.")
     seed: int = _f(0, "Sampling seed.")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto.")

@@ -19,6 +19,7 @@ makes the model's own `DynamicCache` write each new key and value in place (tran
 
 from __future__ import annotations
 
+import warnings
 from functools import cache
 
 import torch
@@ -88,9 +89,18 @@ def _plain(*modules) -> bool:
 
 
 class LeanDecoder:
-    """Decode steps over a prefilled cache. B rows, Lp prompt positions, room for `extra` more."""
+    """Decode steps over a prefilled cache. B rows, Lp prompt positions, room for `extra` more.
 
-    def __init__(self, model, layers: list[tuple], keys, values, extra: int):
+    `static=True` keeps every shape fixed from step to step: attention runs over the whole cache with a
+    mask of the positions written so far (not over a growing slice), and the position a step writes is
+    a one-element tensor that the step advances itself. On CUDA such a step is captured once into a
+    CUDA graph and replayed for every token: one launch per token instead of one per op (~40 per layer),
+    which sets the sampling speed of small and medium models on a GPU. It is re-captured after finished
+    rows are dropped (a smaller batch). Elsewhere the static step runs eagerly (it is what the tests
+    check against the model's forward on CPU).
+    """
+
+    def __init__(self, model, layers: list[tuple], keys, values, extra: int, static: bool = False):
         self.layers = layers
         inner = model.model
         self.embed, self.norm = inner.embed_tokens.weight, (inner.norm.weight, _eps(inner.norm))
@@ -107,14 +117,24 @@ class LeanDecoder:
         cfg = model.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.n = keys[0].shape[-2]  # positions written so far
-        self.k = [_grown(k, extra) for k in keys]  # [B, KV, Lp+extra, hd] per layer
-        self.v = [_grown(v, extra) for v in values]
+        # [B, KV, Lp+extra, hd] per layer. Static steps attend over the whole buffer, positions not
+        # written yet masked: zeros there, since a softmax weight of 0 times uninitialised NaN is NaN.
+        self.k = [_grown(k, extra, zeros=static) for k in keys]
+        self.v = [_grown(v, extra, zeros=static) for v in values]
         self.out = None  # [B, V] logits, written by every step (the caller reads them before the next)
+        self.static = static
+        self.graphs = static and self.embed.device.type == "cuda"
+        self._valid = None  # static: [B, 1, 1, Lp+extra] bool, the positions attended to
+        self._graph = self._stream = None
+        self.captures = 0  # CUDA graphs captured (one per batch size decoded)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (finished rows are not decoded further)."""
         self.k = [k[rows] for k in self.k]
         self.v = [v[rows] for v in self.v]
+        if self._valid is not None:
+            self._valid, self._tok, self._pos = self._valid[rows], self._tok[rows], self._pos[rows]
+            self._graph = None  # a smaller batch: captured again at its next step
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """tokens [B] long, positions [B] long (their position ids), mask [B, n+1] or None -> logits [B, V].
@@ -122,10 +142,26 @@ class LeanDecoder:
         `mask` is the attention mask over every cached position plus this one (None: no padding). The
         one-token sequence dimension is left out throughout: hidden states are [B, D], heads [B, H, hd].
         """
-        B, n, H, KV = tokens.shape[0], self.n + 1, self.heads, self.kv_heads
+        if self.static:
+            return self._static_step(tokens, positions, mask)
+        n = self.n + 1
+        am = mask.bool()[:, None, None, :] if mask is not None else None  # [B, 1, 1, n]
+
+        def write_and_span(kc, vc, k, v, window):  # the cache [B, KV, Lp+T, hd] gets this position
+            kc[:, :, n - 1], vc[:, :, n - 1] = k, v
+            lo = max(0, n - window) if window else 0  # sliding window: the last `window` keys
+            return kc[:, :, lo:n], vc[:, :, lo:n], am[..., lo:n] if am is not None else None
+
+        logits = self._forward(tokens, positions, write_and_span, reuse_out=True)
+        self.n = n
+        return logits
+
+    def _forward(self, tokens, positions, write_and_span, reuse_out: bool) -> torch.Tensor:
+        """The model's maths for one token per row: [B], [B] -> logits [B, V]. `write_and_span(kc, vc,
+        k, v, window)` stores this position's key/value and returns (keys, values, mask) to attend over."""
+        B, H, KV = tokens.shape[0], self.heads, self.kv_heads
         h = F.embedding(tokens, self.embed)  # [B, D]
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [B, 1, hd]
-        am = mask.bool()[:, None, None, :] if mask is not None else None  # [B, 1, 1, n]
         for (ln1, q_, k_, v_, o_, ln2, gate, up, down, qn, kn, window, scale), kc, vc in zip(
             self.layers, self.k, self.v, strict=True
         ):
@@ -134,17 +170,14 @@ class LeanDecoder:
             k = F.linear(x, *k_).view(B, KV, -1)
             if qn is not None:  # Qwen3: RMSNorm over each head
                 q, k = _rms(q, *qn), _rms(k, *kn)
-            kc[:, :, n - 1] = _rotate(k, cos, sin)  # the cache [B, KV, Lp+T, hd] gets this position
-            vc[:, :, n - 1] = F.linear(x, *v_).view(B, KV, -1)
-            lo = max(0, n - window) if window else 0  # sliding window: the last `window` keys
-            m = am[..., lo:n] if am is not None else None
-            o = _attend(_rotate(q, cos, sin), kc[:, :, lo:n], vc[:, :, lo:n], m, scale)  # [B, H*hd]
+            v = F.linear(x, *v_).view(B, KV, -1)
+            keys, values, m = write_and_span(kc, vc, _rotate(k, cos, sin), v, window)
+            o = _attend(_rotate(q, cos, sin), keys, values, m, scale)  # [B, H*hd]
             h = h + F.linear(o, *o_)
             x = _rms(h, *ln2)
             h = h + F.linear(F.silu(F.linear(x, *gate)) * F.linear(x, *up), *down)
-        self.n = n
         x, (w, b) = _rms(h, *self.norm), self.head
-        if torch.is_autocast_enabled(x.device.type):  # autocast's dtype for the head, as the model has it
+        if torch.is_autocast_enabled(x.device.type) or not reuse_out:  # autocast: its dtype, as the model
             return F.linear(x, w, b)  # [B, V]
         # Into one [B, V] tensor for the whole rollout: a fresh one per token costs page faults when
         # glibc serves it by mmap (a 152k vocabulary: 9.7 MB a step for 16 rows).
@@ -153,19 +186,90 @@ class LeanDecoder:
         out = self.out[:B]
         return torch.mm(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)  # [B, V]
 
+    # -- static shapes, CUDA graphs --------------------------------------------------------------
+    def _static_step(self, tokens, positions, mask) -> torch.Tensor:
+        if self._valid is None:  # first step: the prompt's padding, then nothing written yet
+            B, L, dev = tokens.shape[0], self.k[0].shape[-2], tokens.device
+            self._valid = torch.zeros(B, 1, 1, L, dtype=torch.bool, device=dev)
+            self._valid[..., : self.n] = mask[:, None, None, : self.n].bool() if mask is not None else True
+            self._at = torch.tensor([self.n], device=dev)  # [1] the position the next step writes
+            self._range = torch.arange(L, device=dev)  # [L]
+            self._tok, self._pos = tokens.clone(), positions.clone()  # [B] the step's inputs
+        self._tok.copy_(tokens)
+        self._pos.copy_(positions)
+        self.n += 1
+        if not self.graphs:
+            return self._static_forward()
+        if self._graph is not None:
+            self._graph.replay()
+            return self._graph_out
+        return self._capture()
 
-def lean_decoder(model, cache, n_cached: int, extra: int) -> LeanDecoder | None:
+    def _static_forward(self) -> torch.Tensor:
+        """One step on the static buffers (`_tok`, `_pos`, `_at`, `_valid`); no host sync, so that it can
+        be captured. Attention spans the whole cache; positions not written yet are masked out."""
+        at, windows = self._at, {}
+        self._valid.index_fill_(-1, at, True)
+
+        def write_and_span(kc, vc, k, v, window):
+            kc.index_copy_(2, at, k[:, :, None])
+            vc.index_copy_(2, at, v[:, :, None])
+            if window and window not in windows:  # keys at positions > at - window
+                windows[window] = self._valid & (self._range > at - window)
+            return kc, vc, windows[window] if window else self._valid
+
+        logits = self._forward(self._tok, self._pos, write_and_span, reuse_out=False)
+        at.add_(1)
+        return logits
+
+    def _capture(self) -> torch.Tensor:
+        """This step, eagerly, at a batch size not seen yet; else captured into a CUDA graph and replayed.
+        Both run on the side stream that captures, so cuBLAS's workspace for that stream exists before
+        the capture. A capture that fails (an op that cannot be captured) warns and steps eagerly."""
+        cur = torch.cuda.current_stream()
+        if self._stream is None:
+            self._stream, self._warm = torch.cuda.Stream(device=cur.device), set()
+        s, B, out = self._stream, self._tok.shape[0], None
+        s.wait_stream(cur)
+        with torch.cuda.stream(s):
+            if B not in self._warm:  # eagerly once at this batch size; captured at the next step
+                self._warm.add(B)
+                out = self._static_forward()
+                out.record_stream(cur)
+            else:
+                try:
+                    graph = torch.cuda.CUDAGraph()
+                    graph.capture_begin(capture_error_mode="thread_local")  # records, runs nothing
+                    try:
+                        self._graph_out = self._static_forward()
+                    finally:
+                        graph.capture_end()
+                    self._graph, self.captures = graph, self.captures + 1
+                except RuntimeError as e:
+                    self.graphs = False
+                    warnings.warn(f"decode steps run eagerly: CUDA graph capture failed ({e})", stacklevel=2)
+        cur.wait_stream(s)
+        if out is not None:
+            return out
+        if self._graph is None:  # the capture failed: nothing ran
+            return self._static_forward()
+        self._graph.replay()
+        return self._graph_out
+
+
+def lean_decoder(model, cache, n_cached: int, extra: int, static: bool = False) -> LeanDecoder | None:
     """A `LeanDecoder` over `cache` (a prefilled transformers cache holding `n_cached` positions) with
-    room for `extra` tokens, or None when `model` is not one it reproduces exactly."""
+    room for `extra` tokens, or None when `model` is not one it reproduces exactly. `static`: fixed
+    shapes, captured into CUDA graphs on a GPU (see `LeanDecoder`)."""
     if type(model).__name__ not in ARCHITECTURES:
         return None
     try:
-        return _build(model, cache, n_cached, extra)
+        return _build(model, cache, n_cached, extra, static)
     except AttributeError:  # a variant of these classes laid out differently: use the model's forward
         return None
 
 
-def _build(model, cache, n_cached: int, extra: int) -> LeanDecoder | None:
+def _build(model, cache, n_cached: int, extra: int, static: bool) -> LeanDecoder | None:
     cfg, inner = model.config, model.model
     if not _plain(model.lm_head) or _eps(inner.norm) is None:
         return None
@@ -203,7 +307,7 @@ def _build(model, cache, n_cached: int, extra: int) -> LeanDecoder | None:
         )
         keys.append(k)
         values.append(v)
-    return LeanDecoder(model, layers, keys, values, extra)
+    return LeanDecoder(model, layers, keys, values, extra, static)
 
 
 # -- the model's own cache, written in place (models without a lean step) -----------------------------
@@ -257,9 +361,10 @@ def _in_place_layer():
     return InPlaceLayer
 
 
-def _grown(x: torch.Tensor, extra: int) -> torch.Tensor:
-    """[..., L, D] -> a buffer [..., L+extra, D] whose first L positions are `x`."""
-    buf = x.new_empty(*x.shape[:-2], x.shape[-2] + extra, x.shape[-1])
+def _grown(x: torch.Tensor, extra: int, zeros: bool = False) -> torch.Tensor:
+    """[..., L, D] -> a buffer [..., L+extra, D] whose first L positions are `x` (the rest: uninitialised,
+    or `zeros`)."""
+    buf = (x.new_zeros if zeros else x.new_empty)(*x.shape[:-2], x.shape[-2] + extra, x.shape[-1])
     buf[..., : x.shape[-2], :] = x
     return buf
 

@@ -5,8 +5,9 @@ Two backends behind one interface, `sampler.sample(model, prompts, group_ids, k,
 - `native` (default): a lean KV-cache loop. The prompt is prefilled once and its cache repeated K times
   (not K prefills), only the last position goes through the LM head, and the log-prob of each sampled
   token is kept (so no extra forward is needed for the KL-in-reward term or for old log-probs).
-  The per-token steps run through `decoder.LeanDecoder` for Llama-family models (`lean=True`), else
-  through the model's forward with its cache written in place (`decoder.preallocate`).
+  The per-token steps run through `decoder.LeanDecoder` for Llama-family models (`lean=True`; on a GPU
+  each step is a replayed CUDA graph, `cuda_graphs=True`), else through the model's forward with its
+  cache written in place (`decoder.preallocate`).
   With `seeded=True` each token is drawn with a uniform that is a hash of (seed, step, prompt, k, t):
   the samples do not depend on the batch layout, so a run is the same on 1 or N processes.
 - `hf`: `transformers`' `generate` (`hf_generate.py`), for models with exotic caches.
@@ -104,9 +105,11 @@ class Sampler:
         seeded: bool = True,
         max_batch: int = 0,
         lean: bool = True,
+        cuda_graphs: bool = True,
     ):
         self.tok = tokenizer
         self.lean = lean  # native backend: decode steps by `decoder.LeanDecoder` where the model allows
+        self.cuda_graphs = cuda_graphs  # ... replayed as CUDA graphs on a GPU (`LeanDecoder`, static)
         self.max_batch = max_batch  # sequences per sampling call (the KV cache's batch); 0: no limit
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
@@ -135,6 +138,7 @@ class Sampler:
             seeded=getattr(cfg, "sampling", "seeded") == "seeded",
             max_batch=getattr(cfg, "generation_batch_size", 0),
             lean=cfg.lean_decode,
+            cuda_graphs=cfg.cuda_graphs,
         )
 
     def eos_ids(self, model) -> list[int]:
@@ -274,7 +278,8 @@ class Sampler:
             out = model(input_ids=ids, **forward_kwargs(model, mask, keep=1, use_cache=True))
             cache, logits = _cache_of(out, ckw), out.logits[:, -1]  # [B, V]
         B, Lp, T, dev = logits.shape[0], mask.shape[1], self.max_new_tokens, ids.device
-        lean = lean_decoder(model, cache, Lp, T) if self.lean else None
+        static = self.cuda_graphs and dev.type == "cuda"
+        lean = lean_decoder(model, cache, Lp, T, static) if self.lean else None
         if lean is None:
             preallocate(cache, T)  # in-place KV writes, not a torch.cat of the whole cache per token
         padded = not bool(mask.all())  # without padding no attention mask is needed at all

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import test_decoder
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -95,6 +96,75 @@ def test_lean_decode_on_cuda_in_bfloat16(tmp_path):
     full = token_logprobs(model, lean.input_ids, lean.attention_mask, lean.response_ids.shape[1])
     assert torch.isfinite(lean.logp).all()
     assert (full * lean.response_mask - lean.logp).abs().max().item() < 0.1  # bf16: ~3 significant digits
+
+
+def _graphed(monkeypatch):
+    """Spy on the lean decoders the sampler builds."""
+    from reinforce_lm import decoder
+
+    built, real = [], decoder.lean_decoder
+
+    def spy(*args):
+        built.append(real(*args))
+        return built[-1]
+
+    monkeypatch.setattr("reinforce_lm.rollout.lean_decoder", spy)
+    return built
+
+
+@pytest.mark.parametrize("name", test_decoder.ARCHS)
+def test_cuda_graph_decode_steps_match_the_models_forward(name, tokenizer, monkeypatch):
+    """Decode steps replayed from a CUDA graph (the default on a GPU): the log-probs of the model's
+    forward, and the completions of eager steps, on every architecture the lean step takes."""
+    built = _graphed(monkeypatch)
+    model = test_decoder._model(name, tokenizer).to("cuda")
+    g = torch.arange(len(PROMPTS))
+    seeds = row_seeds(0, 0, g, 3)
+    graphed = Sampler(tokenizer, max_new_tokens=9).sample(model, PROMPTS, g, 3, seeds)
+    assert built[-1].graphs and built[-1].captures >= 1
+    eager = Sampler(tokenizer, max_new_tokens=9, cuda_graphs=False).sample(model, PROMPTS, g, 3, seeds)
+    assert not built[-1].static
+    full = token_logprobs(model, graphed.input_ids, graphed.attention_mask, graphed.response_ids.shape[1])
+    assert torch.allclose(full * graphed.response_mask, graphed.logp, atol=1e-4)
+    assert graphed.completions == eager.completions
+    assert torch.allclose(graphed.logp, eager.logp, atol=1e-4)
+
+
+def test_cuda_graphs_are_captured_again_after_finished_rows_are_dropped(tokenizer, monkeypatch):
+    built = _graphed(monkeypatch)
+    model = toy.make_model("llama", tokenizer).to("cuda")
+    g = torch.arange(2)
+    r = Sampler(tokenizer, max_new_tokens=12).sample(model, ["a?", "0123?"], g, 32, row_seeds(0, 0, g, 32))
+    assert (r.response_mask.sum(1) < 12).float().mean() > 0.25  # rows finished early were dropped
+    assert built[-1].captures >= 2  # the full batch, then a smaller one
+    full = token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
+    assert torch.allclose(full * r.response_mask, r.logp, atol=1e-4)
+
+
+def test_cuda_graphs_under_bf16_autocast(tokenizer, monkeypatch):
+    built = _graphed(monkeypatch)
+    model = test_decoder._model("qwen3", tokenizer).to("cuda")
+    g = torch.arange(len(PROMPTS))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        r = Sampler(tokenizer, max_new_tokens=9).sample(model, PROMPTS, g, 2, row_seeds(0, 0, g, 2))
+        full = token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
+    assert built[-1].captures >= 1
+    assert torch.allclose(full * r.response_mask, r.logp, atol=0.05)
+
+
+def test_a_failed_cuda_graph_capture_warns_and_steps_eagerly(tokenizer, monkeypatch):
+    def refuse(self, *a, **kw):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", refuse)
+    built = _graphed(monkeypatch)
+    model = toy.make_model("llama", tokenizer).to("cuda")
+    g = torch.arange(len(PROMPTS))
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        r = Sampler(tokenizer, max_new_tokens=9).sample(model, PROMPTS, g, 2, row_seeds(0, 0, g, 2))
+    assert built[-1].captures == 0 and not built[-1].graphs
+    full = token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
+    assert torch.allclose(full * r.response_mask, r.logp, atol=1e-4)
 
 
 def test_a_step_on_cuda_is_the_step_on_cpu(setup):

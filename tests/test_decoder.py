@@ -209,3 +209,54 @@ def test_lean_steps_of_a_bf16_model(name, tokenizer):
     r = Sampler(tokenizer, max_new_tokens=9).sample(model, PROMPTS, g, 2, row_seeds(0, 0, g, 2))
     full = token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
     assert torch.allclose(full * r.response_mask, r.logp, atol=1e-2)
+
+
+def _static(monkeypatch):
+    """Make the sampler build static-shape lean decoders (what it does on a GPU) on the CPU."""
+    built = []
+
+    def static(*args):
+        built.append(decoder.lean_decoder(*args[:4], static=True))
+        return built[-1]
+
+    monkeypatch.setattr("reinforce_lm.rollout.lean_decoder", static)
+    return built
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_static_lean_steps_match_the_models_forward(name, tokenizer, monkeypatch):
+    """The static-shape step that CUDA graphs capture (attention over the whole cache under a mask of
+    the positions written so far, the write position a tensor): the same log-probs as the forward, on
+    every architecture, sliding windows and left padding included."""
+    built = _static(monkeypatch)
+    model = _model(name, tokenizer)
+    g = torch.arange(len(PROMPTS))
+    seeds = row_seeds(0, 0, g, 3)
+    r = Sampler(tokenizer, max_new_tokens=9).sample(model, PROMPTS, g, 3, seeds)
+    assert built and built[0].static and not built[0].graphs  # eager on the CPU
+    full = token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
+    assert torch.allclose(full * r.response_mask, r.logp, atol=1e-5)
+    monkeypatch.undo()
+    dynamic = Sampler(tokenizer, max_new_tokens=9).sample(model, PROMPTS, g, 3, seeds)
+    assert dynamic.completions == r.completions
+
+
+def test_static_lean_steps_after_dropping_finished_rows(tokenizer, monkeypatch):
+    """Rows dropped mid-rollout (a smaller batch) keep their own cache, mask and write position."""
+    _static(monkeypatch)
+    model = toy.make_model("llama", tokenizer)
+    g = torch.arange(2)
+    r = Sampler(tokenizer, max_new_tokens=12).sample(model, ["a?", "0123?"], g, 32, row_seeds(0, 0, g, 32))
+    assert (r.response_mask.sum(1) < 12).float().mean() > 0.25  # enough finished rows to drop some
+    full = token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
+    assert torch.allclose(full * r.response_mask, r.logp, atol=1e-5)
+
+
+def test_static_lean_steps_under_bf16_autocast(tokenizer, monkeypatch):
+    _static(monkeypatch)
+    model = _model("qwen3", tokenizer)
+    g = torch.arange(len(PROMPTS))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = Sampler(tokenizer, max_new_tokens=6).sample(model, PROMPTS, g, 2, row_seeds(0, 0, g, 2))
+        full = token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
+    assert torch.allclose(full * r.response_mask, r.logp, atol=0.05)
