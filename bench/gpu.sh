@@ -1,7 +1,7 @@
 #!/bin/bash
-# The GPU checks in one run (about 6 minutes on one H100): the CUDA tests, then reinforce-lm against
-# TRL on the GPU at each trainer's defaults and with activation checkpointing on in both, then the
-# REINFORCE estimators against PPO. Needs a CUDA GPU, and TRL importable for the comparison
+# The GPU checks in one run (about 6 minutes on one H200): the CUDA tests, the decode paths' sampling
+# speed (bench/sampling.py, bf16 and fp32), then reinforce-lm against TRL on the GPU at each trainer's
+# defaults and with activation checkpointing on in both, then the REINFORCE estimators against PPO. Needs a CUDA GPU, and TRL importable for the comparison
 # (pip install -e ".[bench]"). Every part writes its log and table under OUT_DIR.
 #
 #     bash bench/gpu.sh [OUT_DIR]        # default: bench/results/gpu-run
@@ -15,6 +15,12 @@ SIZES=(--prompts-per-step 16 --k 8 --max-new-tokens 128 --micro-batch 32 --steps
 echo "== CUDA tests"
 timeout 300 "$PY" -m pytest -q tests/test_cuda.py -p no:cacheprovider -rfEs >"$OUT/cuda_tests.log" 2>&1
 tail -3 "$OUT/cuda_tests.log"
+for prec in bf16 fp32; do
+  echo "== sampling, $prec"
+  timeout 150 "$PY" bench/sampling.py --device cuda --precision "$prec" --out "$OUT/sampling_gpu_$prec.md" \
+    >"$OUT/sampling_$prec.log" 2>&1
+  tail -5 "$OUT/sampling_gpu_$prec.md"
+done
 for ckpt in defaults both; do
   echo "== vs TRL, checkpointing: $ckpt"
   timeout 300 "$PY" bench/vs_trl.py --device cuda --precision bf16 --pairs grpo --repeats 1 \
