@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inverse frequencies that do not depend on length
+SPAN = 256  # static steps attend over the cache in spans of this many positions (`LeanDecoder`)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -93,11 +94,12 @@ class LeanDecoder:
 
     `static=True` keeps every shape fixed from step to step: attention runs over the whole cache with a
     mask of the positions written so far (not over a growing slice), and the position a step writes is
-    a one-element tensor that the step advances itself. On CUDA such a step is captured once into a
-    CUDA graph and replayed for every token: one launch per token instead of one per op (~40 per layer),
-    which sets the sampling speed of small and medium models on a GPU. It is re-captured after finished
-    rows are dropped (a smaller batch). Elsewhere the static step runs eagerly (it is what the tests
-    check against the model's forward on CPU).
+    a one-element tensor that the step advances itself. On CUDA such a step is captured into a CUDA
+    graph and replayed for every token: one launch per token instead of one per op (~40 per layer),
+    which sets the sampling speed of small and medium models on a GPU. Attention reads the cache up to
+    the next multiple of `SPAN` positions, so a graph serves SPAN tokens and is captured again for the
+    next span, and after finished rows are dropped (a smaller batch). Elsewhere the static step runs
+    eagerly (the tests check it against the model's forward on CPU).
     """
 
     def __init__(self, model, layers: list[tuple], keys, values, extra: int, static: bool = False):
@@ -125,7 +127,7 @@ class LeanDecoder:
         self.static = static
         self.graphs = static and self.embed.device.type == "cuda"
         self._valid = None  # static: [B, 1, 1, Lp+extra] bool, the positions attended to
-        self._graph = self._stream = None
+        self._graph = self._stream = self._key = None
         self.captures = 0  # CUDA graphs captured (one per batch size decoded)
 
     def select(self, rows: torch.Tensor) -> None:
@@ -198,53 +200,59 @@ class LeanDecoder:
         self._tok.copy_(tokens)
         self._pos.copy_(positions)
         self.n += 1
+        # Attention spans the cache up to the next multiple of SPAN positions: one graph per span (and
+        # batch size), and a long generation does not read its whole reserved cache at every token.
+        span = min(self.k[0].shape[-2], -(-self.n // SPAN) * SPAN)
         if not self.graphs:
-            return self._static_forward()
-        if self._graph is not None:
+            return self._static_forward(span)
+        key = (self._tok.shape[0], span)
+        if self._graph is not None and self._key == key:
             self._graph.replay()
             return self._graph_out
-        return self._capture()
+        self._graph = None  # the last span's graph, freed before the next one is captured
+        return self._capture(key)
 
-    def _static_forward(self) -> torch.Tensor:
+    def _static_forward(self, span: int) -> torch.Tensor:
         """One step on the static buffers (`_tok`, `_pos`, `_at`, `_valid`); no host sync, so that it can
-        be captured. Attention spans the whole cache; positions not written yet are masked out."""
-        at, windows = self._at, {}
+        be captured. Attention reads the cache's first `span` positions, those not written yet masked."""
+        at, windows, valid = self._at, {}, self._valid[..., :span]  # [B, 1, 1, span]
         self._valid.index_fill_(-1, at, True)
 
         def write_and_span(kc, vc, k, v, window):
             kc.index_copy_(2, at, k[:, :, None])
             vc.index_copy_(2, at, v[:, :, None])
             if window and window not in windows:  # keys at positions > at - window
-                windows[window] = self._valid & (self._range > at - window)
-            return kc, vc, windows[window] if window else self._valid
+                windows[window] = valid & (self._range[:span] > at - window)
+            return kc[:, :, :span], vc[:, :, :span], windows[window] if window else valid
 
         logits = self._forward(self._tok, self._pos, write_and_span, reuse_out=False)
         at.add_(1)
         return logits
 
-    def _capture(self) -> torch.Tensor:
-        """This step, eagerly, at a batch size not seen yet; else captured into a CUDA graph and replayed.
-        Both run on the side stream that captures, so cuBLAS's workspace for that stream exists before
-        the capture. A capture that fails (an op that cannot be captured) warns and steps eagerly."""
+    def _capture(self, key: tuple[int, int]) -> torch.Tensor:
+        """This step eagerly, at a (batch size, span) not seen yet; else captured into a CUDA graph and
+        replayed. Both run on the side stream that captures, so that lazily made state (cuBLAS's
+        workspace for that stream) exists before the capture. A capture that fails (an op that cannot be
+        captured) warns, and the steps run eagerly from then on."""
         cur = torch.cuda.current_stream()
         if self._stream is None:
             self._stream, self._warm = torch.cuda.Stream(device=cur.device), set()
-        s, B, out = self._stream, self._tok.shape[0], None
+        s, out = self._stream, None
         s.wait_stream(cur)
         with torch.cuda.stream(s):
-            if B not in self._warm:  # eagerly once at this batch size; captured at the next step
-                self._warm.add(B)
-                out = self._static_forward()
+            if key not in self._warm:  # eagerly once at these shapes; captured at the next step
+                self._warm.add(key)
+                out = self._static_forward(key[1])
                 out.record_stream(cur)
             else:
                 try:
                     graph = torch.cuda.CUDAGraph()
                     graph.capture_begin(capture_error_mode="thread_local")  # records, runs nothing
                     try:
-                        self._graph_out = self._static_forward()
+                        self._graph_out = self._static_forward(key[1])
                     finally:
                         graph.capture_end()
-                    self._graph, self.captures = graph, self.captures + 1
+                    self._graph, self._key, self.captures = graph, key, self.captures + 1
                 except RuntimeError as e:
                     self.graphs = False
                     warnings.warn(f"decode steps run eagerly: CUDA graph capture failed ({e})", stacklevel=2)
@@ -252,7 +260,7 @@ class LeanDecoder:
         if out is not None:
             return out
         if self._graph is None:  # the capture failed: nothing ran
-            return self._static_forward()
+            return self._static_forward(key[1])
         self._graph.replay()
         return self._graph_out
 

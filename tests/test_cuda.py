@@ -141,6 +141,22 @@ def test_cuda_graphs_are_captured_again_after_finished_rows_are_dropped(tokenize
     assert torch.allclose(full * r.response_mask, r.logp, atol=1e-4)
 
 
+def test_cuda_graphs_are_captured_for_each_attention_span(tokenizer, monkeypatch):
+    from reinforce_lm import decoder
+
+    monkeypatch.setattr(decoder, "SPAN", 4)
+    built = _graphed(monkeypatch)
+    model = test_decoder._model("mistral_window", tokenizer).to("cuda")
+    g = torch.arange(len(PROMPTS))
+    seeds = row_seeds(0, 0, g, 2)
+    r = Sampler(tokenizer, max_new_tokens=12).sample(model, PROMPTS, g, 2, seeds)
+    assert built[-1].captures >= 2  # 11 prompt positions + 12 tokens: spans ending at 12, 16, 20, 23
+    full = token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
+    assert torch.allclose(full * r.response_mask, r.logp, atol=1e-4)
+    eager = Sampler(tokenizer, max_new_tokens=12, cuda_graphs=False).sample(model, PROMPTS, g, 2, seeds)
+    assert eager.completions == r.completions
+
+
 def test_cuda_graphs_under_bf16_autocast(tokenizer, monkeypatch):
     built = _graphed(monkeypatch)
     model = test_decoder._model("qwen3", tokenizer).to("cuda")

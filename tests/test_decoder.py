@@ -241,6 +241,19 @@ def test_static_lean_steps_match_the_models_forward(name, tokenizer, monkeypatch
     assert dynamic.completions == r.completions
 
 
+@pytest.mark.parametrize("name", ["llama", "mistral_window"])
+def test_static_lean_steps_attend_in_spans(name, tokenizer, monkeypatch):
+    """Attention over the cache up to the next multiple of SPAN positions (a new span every 4 tokens
+    here, so each rollout crosses several): the same log-probs as the forward, with a sliding window."""
+    monkeypatch.setattr(decoder, "SPAN", 4)
+    _static(monkeypatch)
+    model = _model(name, tokenizer)
+    g = torch.arange(len(PROMPTS))
+    r = Sampler(tokenizer, max_new_tokens=9).sample(model, PROMPTS, g, 2, row_seeds(0, 0, g, 2))
+    full = token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
+    assert torch.allclose(full * r.response_mask, r.logp, atol=1e-5)
+
+
 def test_static_lean_steps_after_dropping_finished_rows(tokenizer, monkeypatch):
     """Rows dropped mid-rollout (a smaller batch) keep their own cache, mask and write position."""
     _static(monkeypatch)
