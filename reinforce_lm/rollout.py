@@ -7,7 +7,7 @@ Two backends behind one interface, `sampler.sample(model, prompts, group_ids, k,
   token is kept (so no extra forward is needed for the KL-in-reward term or for old log-probs).
   The per-token steps run through `decoder.LeanDecoder` for Llama-family models (`lean=True`; on a GPU
   each step is a replayed CUDA graph, `cuda_graphs=True`), else through the model's forward with its
-  cache written in place (`decoder.preallocate`).
+  cache written in place (`kv_cache.preallocate`).
   With `seeded=True` each token is drawn with a uniform that is a hash of (seed, step, prompt, k, t):
   the samples do not depend on the batch layout, so a run is the same on 1 or N processes.
 - `hf`: `transformers`' `generate` (`hf_generate.py`), for models with exotic caches.
@@ -21,12 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from reinforce_lm.data import keep_last, writes_bos
-from reinforce_lm.decoder import attends, can_select, lean_decoder, preallocate, repeat_cache
+from reinforce_lm.decoder import lean_decoder
 
 # row_seeds: the seeds `Sampler.sample` takes, imported from here by its callers
 from reinforce_lm.draws import _draw, _uniforms, filter_logits, row_seeds  # noqa: F401
 from reinforce_lm.errors import DataError
 from reinforce_lm.hf_generate import generate
+from reinforce_lm.kv_cache import attends, can_select, preallocate, repeat_cache
 from reinforce_lm.models import cache_kwarg, embedding_rows, forward_kwargs, takes_position_ids
 
 

@@ -805,7 +805,7 @@ def test_a_cache_that_cannot_be_repeated_is_prefilled_per_sample(tokenizer):
     got = logprobs.token_logprobs(model, r.input_ids, r.attention_mask, r.response_ids.shape[1])
     torch.testing.assert_close(got * r.response_mask, r.logp, atol=1e-5, rtol=1e-5)
     # nor can rows be dropped from it once they finish: they are decoded on, as padding
-    from reinforce_lm.decoder import can_select
+    from reinforce_lm.kv_cache import can_select
 
     ids = torch.randint(1, len(tokenizer), (2, 4))
     assert not can_select(model(input_ids=ids, use_cache=True).cache_params)
