@@ -1,4 +1,5 @@
-"""A lean decode step for the Llama family (Llama, Mistral, Qwen2, Qwen3), used by the native sampler.
+"""A lean decode step for Llama, Mistral, Qwen2, Qwen3, Gemma and Gemma 3 (text) models, used by the
+native sampler.
 
 A decode step through a Hugging Face model spends, per decoder layer, dozens of small tensor ops and
 several Python layers (mask building, output dataclasses, config lookups, cache objects). On small
@@ -26,13 +27,22 @@ import torch.nn.functional as F
 
 from reinforce_lm.kv_cache import grown
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma3ForCausalLM",  # Gemma 3's text-only models (1B, 270M)
+)
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inverse frequencies that do not depend on length
 SPAN = 256  # static steps attend over the cache in spans of this many positions (`LeanDecoder`)
 
 
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Hugging Face's RMSNorm: normalise in float32, cast back, then scale. [..., D] -> [..., D]."""
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = False) -> torch.Tensor:
+    """Hugging Face's RMSNorms, [..., D] -> [..., D], normalising in float32. Llama's casts back, then
+    scales; Gemma's scales in float32 by 1 + its parameter (`weight` here: made once per rollout), then
+    casts back."""
     if (
         x.dtype == torch.float32
         and weight.dtype == torch.float32
@@ -40,7 +50,8 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     ):
         return F.rms_norm(x, weight.shape, weight, eps)  # one fused op, same result in float32
     x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * weight).to(x.dtype) if gemma else weight * normed.to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -103,20 +114,28 @@ class LeanDecoder:
     eagerly (the tests check it against the model's forward on CPU).
     """
 
-    def __init__(self, model, layers: list[tuple], keys, values, extra: int, static: bool = False):
+    def __init__(
+        self, model, layers: list[tuple], ropes: list, keys, values, extra: int, static: bool = False
+    ):
         self.layers = layers
         inner = model.model
-        self.embed, self.norm = inner.embed_tokens.weight, (inner.norm.weight, _eps(inner.norm))
+        self.embed, self.norm = inner.embed_tokens.weight, _norm(inner.norm)
+        scale = getattr(inner.embed_tokens, "embed_scale", None)  # Gemma scales the embeddings
+        self.embed_scale = scale.to(self.embed.dtype) if scale is not None else None
         self.head = (model.lm_head.weight, model.lm_head.bias)
         # cos/sin of every position the rollout can reach, computed once as the model's rotary module
-        # does (float32 angles, scaled, cast to the hidden dtype); the rotate_half sign is folded into sin
-        rot = inner.rotary_emb
-        freqs = torch.arange(keys[0].shape[-2] + extra + 1, device=self.embed.device).float()[:, None]
-        freqs = freqs * rot.inv_freq.to(self.embed.device).float()  # [P, hd/2]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [P, hd]
-        self.cos = (emb.cos() * rot.attention_scaling).to(self.embed.dtype)
-        sin = (emb.sin() * rot.attention_scaling).to(self.embed.dtype)
-        self.sin = torch.cat([-sin[:, : sin.shape[1] // 2], sin[:, sin.shape[1] // 2 :]], dim=-1)
+        # does (float32 angles, scaled, cast to the hidden dtype), one table per (inverse frequencies,
+        # scaling) in `ropes` (Gemma 3: local and global layers); the rotate_half sign is folded into sin
+        positions = torch.arange(keys[0].shape[-2] + extra + 1, device=self.embed.device).float()[:, None]
+        self.tables = []
+        for inv_freq, scaling in ropes:
+            freqs = positions * inv_freq.to(self.embed.device).float()  # [P, hd/2]
+            emb = torch.cat([freqs, freqs], dim=-1)  # [P, hd]
+            sin = (emb.sin() * scaling).to(self.embed.dtype)
+            half = sin.shape[1] // 2
+            self.tables.append(
+                ((emb.cos() * scaling).to(self.embed.dtype), torch.cat([-sin[:, :half], sin[:, half:]], 1))
+            )
         cfg = model.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.n = keys[0].shape[-2]  # positions written so far
@@ -164,21 +183,41 @@ class LeanDecoder:
         k, v, window)` stores this position's key/value and returns (keys, values, mask) to attend over."""
         B, H, KV = tokens.shape[0], self.heads, self.kv_heads
         h = F.embedding(tokens, self.embed)  # [B, D]
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [B, 1, hd]
-        for (ln1, q_, k_, v_, o_, ln2, gate, up, down, qn, kn, window, scale), kc, vc in zip(
-            self.layers, self.k, self.v, strict=True
-        ):
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
+        rope = [(cos[positions][:, None], sin[positions][:, None]) for cos, sin in self.tables]  # [B, 1, hd]
+        for (
+            ln1,
+            q_,
+            k_,
+            v_,
+            o_,
+            post_attn,
+            ln2,
+            gate,
+            up,
+            down,
+            post_mlp,
+            qn,
+            kn,
+            window,
+            scale,
+            act,
+            r,
+        ), kc, vc in zip(self.layers, self.k, self.v, strict=True):
+            cos, sin = rope[r]
             x = _rms(h, *ln1)
             q = F.linear(x, *q_).view(B, H, -1)  # [B, H, hd]
             k = F.linear(x, *k_).view(B, KV, -1)
-            if qn is not None:  # Qwen3: RMSNorm over each head
+            if qn is not None:  # Qwen3, Gemma 3: RMSNorm over each head
                 q, k = _rms(q, *qn), _rms(k, *kn)
             v = F.linear(x, *v_).view(B, KV, -1)
             keys, values, m = write_and_span(kc, vc, _rotate(k, cos, sin), v, window)
-            o = _attend(_rotate(q, cos, sin), keys, values, m, scale)  # [B, H*hd]
-            h = h + F.linear(o, *o_)
+            o = F.linear(_attend(_rotate(q, cos, sin), keys, values, m, scale), *o_)  # [B, D]
+            h = h + (_rms(o, *post_attn) if post_attn is not None else o)  # Gemma 3 norms both outputs
             x = _rms(h, *ln2)
-            h = h + F.linear(F.silu(F.linear(x, *gate)) * F.linear(x, *up), *down)
+            x = F.linear(act(F.linear(x, *gate)) * F.linear(x, *up), *down)
+            h = h + (_rms(x, *post_mlp) if post_mlp is not None else x)
         x, (w, b) = _rms(h, *self.norm), self.head
         if torch.is_autocast_enabled(x.device.type) or not reuse_out:  # autocast: its dtype, as the model
             return F.linear(x, w, b)  # [B, V]
@@ -278,11 +317,46 @@ def lean_decoder(model, cache, n_cached: int, extra: int, static: bool = False) 
         return None
 
 
+def _norm(norm) -> tuple:
+    """(weight, eps, gemma) for `_rms`; Gemma's norms scale by 1 + their parameter, in float32."""
+    gemma = type(norm).__name__.startswith("Gemma")
+    return (1.0 + norm.weight.float() if gemma else norm.weight, _eps(norm), gemma)
+
+
+def _act(mlp):
+    """The MLP's activation: SiLU as a function (the common case, one call fewer), else the model's own
+    module (Gemma's tanh-approximated GELU), which computes exactly what the model computes."""
+    act = mlp.act_fn
+    return F.silu if type(act).__name__ in ("SiLU", "SiLUActivation") else act
+
+
+def _ropes(model, inner) -> tuple[list, list[int]] | None:
+    """The rotary tables' (inverse frequencies, scaling) and each layer's table, or None for a rope
+    scaling that changes with the length. Gemma 3 has one per layer type (local and global layers)."""
+    rot, types = inner.rotary_emb, getattr(inner.rotary_emb, "layer_types", None)
+    if types is None:
+        if getattr(rot, "rope_type", None) not in STATIC_ROPE:
+            return None
+        return [(rot.inv_freq, rot.attention_scaling)], [0] * len(inner.layers)
+    if any(rot.rope_type[t] not in STATIC_ROPE for t in types):
+        return None
+    ropes = [(getattr(rot, f"{t}_inv_freq"), getattr(rot, f"{t}_attention_scaling")) for t in types]
+    return ropes, [types.index(t) for t in model.config.layer_types[: len(inner.layers)]]
+
+
 def _build(model, cache, n_cached: int, extra: int, static: bool) -> LeanDecoder | None:
     cfg, inner = model.config, model.model
     if not _plain(model.lm_head) or _eps(inner.norm) is None:
         return None
-    if cfg.hidden_act != "silu" or getattr(inner.rotary_emb, "rope_type", None) not in STATIC_ROPE:
+    embed = inner.embed_tokens
+    if type(embed) is not torch.nn.Embedding and not type(embed).__name__.endswith("ScaledWordEmbedding"):
+        return None
+    if any(getattr(cfg, f, None) for f in ("attn_logit_softcapping", "final_logit_softcapping")):
+        return None  # Gemma 2: soft-capped attention scores and logits
+    if getattr(cfg, "use_bidirectional_attention", False):
+        return None
+    ropes = _ropes(model, inner)
+    if ropes is None:
         return None
     if any(_hooked(m) or hasattr(m, "_hf_hook") for m in model.modules()):
         return None  # FSDP, accelerate's offloading (it wraps `forward`), probes, ...
@@ -292,12 +366,16 @@ def _build(model, cache, n_cached: int, extra: int, static: bool) -> LeanDecoder
     if not cached or len(cached) != len(inner.layers):
         return None
     layers, keys, values = [], [], []
-    for layer, c in zip(inner.layers, cached, strict=True):
+    for layer, c, table in zip(inner.layers, cached, ropes[1], strict=True):
         a, mlp = layer.self_attn, layer.mlp
         parts = dict(q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj, gate=mlp.gate_proj, up=mlp.up_proj)
         parts["down"] = mlp.down_proj
-        norms = dict(ln1=layer.input_layernorm, ln2=layer.post_attention_layernorm)
-        if getattr(a, "q_norm", None) is not None:  # Qwen3
+        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 3: a norm before and after each block
+            norms = dict(ln1=layer.input_layernorm, post_attn=layer.post_attention_layernorm)
+            norms.update(ln2=layer.pre_feedforward_layernorm, post_mlp=layer.post_feedforward_layernorm)
+        else:
+            norms = dict(ln1=layer.input_layernorm, ln2=layer.post_attention_layernorm)
+        if getattr(a, "q_norm", None) is not None:  # Qwen3, Gemma 3
             norms.update(qn=a.q_norm, kn=a.k_norm)
         k, v = getattr(c, "keys", None), getattr(c, "values", None)
         if not _plain(*parts.values()) or any(_eps(n) is None for n in norms.values()):
@@ -309,11 +387,12 @@ def _build(model, cache, n_cached: int, extra: int, static: bool) -> LeanDecoder
         else:  # Mistral reads it from the config
             window = cfg.sliding_window if type(model).__name__ == "MistralForCausalLM" else None
         lin = {name: (m.weight, m.bias) for name, m in parts.items()}  # F.linear(x, w, b)
-        rms = {name: (n.weight, _eps(n)) for name, n in norms.items()}  # _rms(x, w, eps)
+        rms = {name: _norm(n) for name, n in norms.items()}  # _rms(x, w, eps, gemma)
         layers.append(
-            (rms["ln1"], lin["q"], lin["k"], lin["v"], lin["o"], rms["ln2"], lin["gate"], lin["up"])
-            + (lin["down"], rms.get("qn"), rms.get("kn"), window, a.scaling)
+            (rms["ln1"], lin["q"], lin["k"], lin["v"], lin["o"], rms.get("post_attn"), rms["ln2"])
+            + (lin["gate"], lin["up"], lin["down"], rms.get("post_mlp"), rms.get("qn"), rms.get("kn"))
+            + (window, a.scaling, _act(mlp), table)
         )
         keys.append(k)
         values.append(v)
-    return LeanDecoder(model, layers, keys, values, extra, static)
+    return LeanDecoder(model, layers, ropes[0], keys, values, extra, static)

@@ -65,12 +65,30 @@ def _model(name: str, tok, **extra):
         ),
         "qwen2": T.Qwen2Config,
         "qwen3": lambda **kw: T.Qwen3Config(head_dim=16, **kw),
+        # another activation: the MLP's own activation module is called
+        "llama_gelu": lambda **kw: T.LlamaConfig(hidden_act="gelu_pytorch_tanh", **kw),
+        # Gemma: scaled embeddings, (1 + w) norms in float32, tanh GELU, tied head
+        "gemma": lambda **kw: T.GemmaConfig(head_dim=8, hidden_activation="gelu_pytorch_tanh", **kw),
+        # Gemma 3: sliding and full layers with their own rope tables, norms around each block,
+        # per-head q/k norms, query_pre_attn_scalar
+        "gemma3": lambda **kw: T.Gemma3TextConfig(
+            head_dim=8,
+            sliding_window=13,
+            layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=12,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+            },
+            **kw,
+        ),
     }[name](**common)
     torch.manual_seed(0)
     return disable_dropout(AutoModelForCausalLM.from_config(config)).eval()
 
 
 ARCHS = ["llama", "llama_bias_rope", "llama3_tied", "mistral_window", "qwen2", "qwen2_yarn", "qwen3"]
+ARCHS += ["llama_gelu", "gemma", "gemma3"]
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -123,8 +141,9 @@ def test_lean_decoder_declines_what_it_does_not_reproduce(tokenizer):
     offloaded = _model("llama", tokenizer)
     offloaded.model.layers[1]._hf_hook = object()  # how accelerate marks a module whose forward it wraps
     assert attempt(offloaded) is None
-    gelu = _model("llama", tokenizer, hidden_act="gelu")
-    assert attempt(gelu) is None
+    gemma2 = _model("gemma", tokenizer)
+    gemma2.config.final_logit_softcapping = 30.0  # soft-capped logits (Gemma 2): not reproduced
+    assert attempt(gemma2) is None
     dynamic = _model("llama", tokenizer, rope_parameters={"rope_type": "dynamic", "factor": 2.0})
     assert attempt(dynamic) is None
     # transformers keeps only the last `sliding_window` keys of a prompt longer than the window: the
@@ -159,10 +178,11 @@ def test_finished_rows_are_dropped_in_the_lean_decoder(tokenizer):
     assert torch.allclose(full * r.response_mask, r.logp, atol=1e-5)
 
 
-def test_lean_steps_under_bf16_autocast(tokenizer):
+@pytest.mark.parametrize("name", ["qwen2", "gemma3"])
+def test_lean_steps_under_bf16_autocast(name, tokenizer):
     """Mixed precision (`--mixed-precision bf16`): the lean step follows the model's forward under the
     same autocast, to bf16 accuracy."""
-    model = _model("qwen2", tokenizer)
+    model = _model(name, tokenizer)
     g = torch.arange(len(PROMPTS))
     seeds = row_seeds(0, 0, g, 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -200,7 +220,7 @@ def test_lean_steps_with_the_fused_attention_match_the_forward(name, tokenizer, 
     assert torch.allclose(full * r.response_mask, r.logp, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3"])
 def test_lean_steps_of_a_bf16_model(name, tokenizer):
     """Weights in bfloat16 (`--dtype bfloat16`): log-probs within bf16 rounding of the model's forward
     (the model's own KV-cache loop is about as far off, ~1e-3)."""
@@ -241,7 +261,7 @@ def test_static_lean_steps_match_the_models_forward(name, tokenizer, monkeypatch
     assert dynamic.completions == r.completions
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral_window"])
+@pytest.mark.parametrize("name", ["llama", "mistral_window", "gemma3"])
 def test_static_lean_steps_attend_in_spans(name, tokenizer, monkeypatch):
     """Attention over the cache up to the next multiple of SPAN positions (a new span every 4 tokens
     here, so each rollout crosses several): the same log-probs as the forward, with a sliding window."""
