@@ -145,7 +145,9 @@ class LeanDecoder:
         self.v = [grown(v, extra, zeros=static) for v in values]
         self.out = None  # [B, V] logits, written by every step (the caller reads them before the next)
         self.static = static
-        self.graphs = static and self.embed.device.type == "cuda"
+        # Graphs capture and replay on the current device's streams: only for a model on that device
+        dev = self.embed.device
+        self.graphs = static and dev.type == "cuda" and dev.index == torch.cuda.current_device()
         self._valid = None  # static: [B, 1, 1, Lp+extra] bool, the positions attended to
         self._graph = self._stream = self._key = None
         self.captures = 0  # CUDA graphs captured (one per batch size decoded)
