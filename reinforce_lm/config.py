@@ -231,9 +231,9 @@ class TrainConfig(EngineConfig):
     generation_backend: str = _f("native", "native (lean KV-cache loop) or hf (transformers generate).")
     lean_decode: bool = _f(
         True,
-        "native backend, Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma 3 models: decode steps by reinforce-lm's "
-        "own step over the model's weights (same log-probs, fewer ops); off: the model's forward at every "
-        "token.",
+        "native backend, Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma 3/Phi-3 models: decode steps by "
+        "reinforce-lm's own step over the model's weights (same log-probs, fewer ops); off: the model's "
+        "forward at every token.",
     )
     cuda_graphs: bool = _f(
         True,
@@ -338,7 +338,7 @@ class EvalConfig:
     top_k: int = _f(0, "Top-k sampling (0 disables).")
     greedy: bool = _f(False, "Greedy decoding instead of sampling.")
     lean_decode: bool = _f(
-        True, "Llama/Mistral/Qwen/Gemma models: reinforce-lm's decode step; off: the model's forward."
+        True, "Llama/Mistral/Qwen/Gemma/Phi-3 models: reinforce-lm's decode step; off: the model's forward."
     )
     cuda_graphs: bool = _f(True, "On a GPU, with the lean decode step: replay each step as a CUDA graph.")
     show: int = _f(5, "How many sample completions to print.")

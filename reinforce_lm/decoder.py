@@ -1,5 +1,5 @@
-"""A lean decode step for Llama, Mistral, Qwen2, Qwen3, Gemma and Gemma 3 (text) models, used by the
-native sampler.
+"""A lean decode step for Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 3 (text) and Phi-3 models, used by
+the native sampler.
 
 A decode step through a Hugging Face model spends, per decoder layer, dozens of small tensor ops and
 several Python layers (mask building, output dataclasses, config lookups, cache objects). On small
@@ -34,8 +34,10 @@ ARCHITECTURES = (
     "Qwen3ForCausalLM",
     "GemmaForCausalLM",
     "Gemma3ForCausalLM",  # Gemma 3's text-only models (1B, 270M)
+    "Phi3ForCausalLM",  # Phi-3 (4k), Phi-4: fused q/k/v and gate/up projections
 )
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inverse frequencies that do not depend on length
+CONFIG_WINDOW = ("MistralForCausalLM", "Phi3ForCausalLM")  # attention reads sliding_window from the config
 SPAN = 256  # static steps attend over the cache in spans of this many positions (`LeanDecoder`)
 
 
@@ -60,6 +62,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     x [B, H, hd], cos/sin [B, 1, hd]; `sin` comes with its first half negated, so [-x2, x1]*sin equals
     [x2, x1]*sin_signed: swapping the halves is one `flip` of a [2, hd/2] view (negation is exact).
     """
+    rd = cos.shape[-1]
+    if rd < x.shape[-1]:  # partial rotary embedding: the last dimensions pass through unrotated
+        return torch.cat([_rotate(x[..., :rd], cos, sin), x[..., rd:]], dim=-1)
     swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # [x2, x1]
     return x * cos + swapped * sin
 
@@ -328,7 +333,7 @@ def _norm(norm) -> tuple:
 def _act(mlp):
     """The MLP's activation: SiLU as a function (the common case, one call fewer), else the model's own
     module (Gemma's tanh-approximated GELU), which computes exactly what the model computes."""
-    act = mlp.act_fn
+    act = mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn  # Phi-3's name
     return F.silu if type(act).__name__ in ("SiLU", "SiLUActivation") else act
 
 
@@ -344,6 +349,13 @@ def _ropes(model, inner) -> tuple[list, list[int]] | None:
         return None
     ropes = [(getattr(rot, f"{t}_inv_freq"), getattr(rot, f"{t}_attention_scaling")) for t in types]
     return ropes, [types.index(t) for t in model.config.layer_types[: len(inner.layers)]]
+
+
+def _split(linear: tuple, sizes: list[int], names: list[str]) -> dict:
+    """A fused projection's (weight, bias) as one (weight, bias) per output block, views without copies."""
+    w, b = linear
+    ws, bs = w.split(sizes), b.split(sizes) if b is not None else [None] * len(sizes)
+    return {name: (wi, bi) for name, wi, bi in zip(names, ws, bs, strict=True)}
 
 
 def _build(model, cache, n_cached: int, extra: int, static: bool) -> LeanDecoder | None:
@@ -370,8 +382,11 @@ def _build(model, cache, n_cached: int, extra: int, static: bool) -> LeanDecoder
     layers, keys, values = [], [], []
     for layer, c, table in zip(inner.layers, cached, ropes[1], strict=True):
         a, mlp = layer.self_attn, layer.mlp
-        parts = dict(q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj, gate=mlp.gate_proj, up=mlp.up_proj)
-        parts["down"] = mlp.down_proj
+        parts = dict(o=a.o_proj, down=mlp.down_proj)
+        if hasattr(a, "qkv_proj"):  # Phi-3: fused, split below into views of the fused weights
+            parts.update(qkv=a.qkv_proj, gate_up=mlp.gate_up_proj)
+        else:
+            parts.update(q=a.q_proj, k=a.k_proj, v=a.v_proj, gate=mlp.gate_proj, up=mlp.up_proj)
         if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 3: a norm before and after each block
             norms = dict(ln1=layer.input_layernorm, post_attn=layer.post_attention_layernorm)
             norms.update(ln2=layer.pre_feedforward_layernorm, post_mlp=layer.post_feedforward_layernorm)
@@ -386,9 +401,14 @@ def _build(model, cache, n_cached: int, extra: int, static: bool) -> LeanDecoder
             return None
         if hasattr(a, "sliding_window"):
             window = a.sliding_window
-        else:  # Mistral reads it from the config
-            window = cfg.sliding_window if type(model).__name__ == "MistralForCausalLM" else None
+        else:  # Mistral and Phi-3 read it from the config
+            window = cfg.sliding_window if type(model).__name__ in CONFIG_WINDOW else None
         lin = {name: (m.weight, m.bias) for name, m in parts.items()}  # F.linear(x, w, b)
+        if "qkv" in lin:
+            q, kv = cfg.num_attention_heads * a.head_dim, cfg.num_key_value_heads * a.head_dim
+            lin.update(_split(lin.pop("qkv"), [q, kv, kv], ["q", "k", "v"]))
+            half = lin["gate_up"][0].shape[0] // 2  # gate first, then up (`chunk(2)`)
+            lin.update(_split(lin.pop("gate_up"), [half, half], ["gate", "up"]))
         rms = {name: _norm(n) for name, n in norms.items()}  # _rms(x, w, eps, gemma)
         layers.append(
             (rms["ln1"], lin["q"], lin["k"], lin["v"], lin["o"], rms.get("post_attn"), rms["ln2"])

@@ -5,7 +5,7 @@ Two backends behind one interface, `sampler.sample(model, prompts, group_ids, k,
 - `native` (default): a lean KV-cache loop. The prompt is prefilled once and its cache repeated K times
   (not K prefills), only the last position goes through the LM head, and the log-prob of each sampled
   token is kept (so no extra forward is needed for the KL-in-reward term or for old log-probs).
-  The per-token steps run through `decoder.LeanDecoder` for Llama, Mistral, Qwen and Gemma models
+  The per-token steps run through `decoder.LeanDecoder` for Llama, Mistral, Qwen, Gemma and Phi-3 models
   (`lean=True`; on a GPU each step is a replayed CUDA graph, `cuda_graphs=True`), else through the
   model's forward with its cache written in place (`kv_cache.preallocate`).
   With `seeded=True` each token is drawn with a uniform that is a hash of (seed, step, prompt, k, t):

@@ -71,6 +71,12 @@ def _model(name: str, tok, **extra):
         "gemma": lambda **kw: T.GemmaConfig(head_dim=8, hidden_activation="gelu_pytorch_tanh", **kw),
         # Gemma 3: sliding and full layers with their own rope tables, norms around each block,
         # per-head q/k norms, query_pre_attn_scalar
+        # Phi-3: fused q/k/v and gate/up projections, window from the config, partial rotary embedding
+        "phi3": lambda **kw: T.Phi3Config(
+            sliding_window=13,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            **kw,
+        ),
         "gemma3": lambda **kw: T.Gemma3TextConfig(
             head_dim=8,
             sliding_window=13,
@@ -88,7 +94,7 @@ def _model(name: str, tok, **extra):
 
 
 ARCHS = ["llama", "llama_bias_rope", "llama3_tied", "mistral_window", "qwen2", "qwen2_yarn", "qwen3"]
-ARCHS += ["llama_gelu", "gemma", "gemma3"]
+ARCHS += ["llama_gelu", "gemma", "gemma3", "phi3"]
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -220,7 +226,7 @@ def test_lean_steps_with_the_fused_attention_match_the_forward(name, tokenizer, 
     assert torch.allclose(full * r.response_mask, r.logp, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3", "phi3"])
 def test_lean_steps_of_a_bf16_model(name, tokenizer):
     """Weights in bfloat16 (`--dtype bfloat16`): log-probs within bf16 rounding of the model's forward
     (the model's own KV-cache loop is about as far off, ~1e-3)."""
