@@ -38,6 +38,7 @@ ARCHITECTURES = (
 )
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inverse frequencies that do not depend on length
 CONFIG_WINDOW = ("MistralForCausalLM", "Phi3ForCausalLM")  # attention reads sliding_window from the config
+RMS_NORMS = tuple(f"{m}RMSNorm" for m in ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma3", "Phi3"))
 SPAN = 256  # static steps attend over the cache in spans of this many positions (`LeanDecoder`)
 
 
@@ -87,6 +88,12 @@ def _attend(q, k, v, mask, scale: float, fused: bool | None = None) -> torch.Ten
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     return torch.matmul(s.float().softmax(-1).to(q.dtype), v).view(B, H * hd)
+
+
+def _rms_norm(norm) -> bool:
+    """One of the RMSNorm classes `_rms` reproduces (`_norm` tells Gemma's from the others), with an eps."""
+    name = type(norm).__name__
+    return name in RMS_NORMS and _eps(norm) is not None
 
 
 def _eps(norm) -> float | None:
@@ -360,12 +367,12 @@ def _split(linear: tuple, sizes: list[int], names: list[str]) -> dict:
 
 def _build(model, cache, n_cached: int, extra: int, static: bool) -> LeanDecoder | None:
     cfg, inner = model.config, model.model
-    if not _plain(model.lm_head) or _eps(inner.norm) is None:
+    if not _plain(model.lm_head) or not _rms_norm(inner.norm):
         return None
     embed = inner.embed_tokens
     if type(embed) is not torch.nn.Embedding and not type(embed).__name__.endswith("ScaledWordEmbedding"):
         return None
-    if any(getattr(cfg, f, None) for f in ("attn_logit_softcapping", "final_logit_softcapping")):
+    if any(getattr(cfg, f, None) is not None for f in ("attn_logit_softcapping", "final_logit_softcapping")):
         return None  # Gemma 2: soft-capped attention scores and logits
     if getattr(cfg, "use_bidirectional_attention", False):
         return None
@@ -395,12 +402,14 @@ def _build(model, cache, n_cached: int, extra: int, static: bool) -> LeanDecoder
         if getattr(a, "q_norm", None) is not None:  # Qwen3, Gemma 3
             norms.update(qn=a.q_norm, kn=a.k_norm)
         k, v = getattr(c, "keys", None), getattr(c, "values", None)
-        if not _plain(*parts.values()) or any(_eps(n) is None for n in norms.values()):
+        if not _plain(*parts.values()) or not all(_rms_norm(n) for n in norms.values()):
             return None
         if k is None or k.dim() != 4 or k.shape[-2] != n_cached:  # e.g. a sliding cache that dropped keys
             return None
-        if hasattr(a, "sliding_window"):
+        if hasattr(a, "sliding_window"):  # a copy the layer took of the config's, which the mask reads
             window = a.sliding_window
+            if window is not None and window != getattr(cfg, "sliding_window", None):
+                return None  # the config's was changed after loading: which one the forward uses varies
         else:  # Mistral and Phi-3 read it from the config
             window = cfg.sliding_window if type(model).__name__ in CONFIG_WINDOW else None
         lin = {name: (m.weight, m.bias) for name, m in parts.items()}  # F.linear(x, w, b)

@@ -178,6 +178,12 @@ class Sampler:
             warnings.warn(f"prompts longer than max_prompt_length={self.max_prompt_length} tokens keep their "
                           "last ones (and BOS)", stacklevel=3)  # fmt: skip
         rows = [keep_last(r, self.max_prompt_length, self.tok.bos_token_id) for r in rows]
+        empty = next((i for i, r in enumerate(rows) if not r), None)
+        if empty is not None:
+            raise DataError(
+                f"prompt {empty} ({prompts[empty]!r}) has no tokens: there is nothing to sample after (this "
+                "tokenizer adds no BOS to an empty prompt)"
+            )
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -279,7 +285,8 @@ class Sampler:
             out = model(input_ids=ids, **forward_kwargs(model, mask, keep=1, use_cache=True))
             cache, logits = _cache_of(out, ckw), out.logits[:, -1]  # [B, V]
         B, Lp, T, dev = logits.shape[0], mask.shape[1], self.max_new_tokens, ids.device
-        static = self.cuda_graphs and dev.type == "cuda"
+        # static shapes only where they are captured into CUDA graphs: on the current CUDA device
+        static = self.cuda_graphs and dev.type == "cuda" and dev.index == torch.cuda.current_device()
         lean = lean_decoder(model, cache, Lp, T, static) if self.lean else None
         if lean is None:
             preallocate(cache, T)  # in-place KV writes, not a torch.cat of the whole cache per token

@@ -150,6 +150,15 @@ def test_lean_decoder_declines_what_it_does_not_reproduce(tokenizer):
     gemma2 = _model("gemma", tokenizer)
     gemma2.config.final_logit_softcapping = 30.0  # soft-capped logits (Gemma 2): not reproduced
     assert attempt(gemma2) is None
+    gemma2.config.final_logit_softcapping = 0.0  # falsy, but still a cap (the forward divides by it)
+    assert attempt(gemma2) is None
+    layer_norm = _model("llama", tokenizer)
+    layer_norm.model.norm = torch.nn.LayerNorm(32)  # has an eps, but is no RMSNorm
+    assert attempt(layer_norm) is None
+    # a window changed on the config after loading: the layers keep the old copy, the mask the new one
+    rewindowed = _model("gemma3", tokenizer)
+    rewindowed.config.sliding_window = 20
+    assert attempt(rewindowed) is None
     dynamic = _model("llama", tokenizer, rope_parameters={"rope_type": "dynamic", "factor": 2.0})
     assert attempt(dynamic) is None
     # transformers keeps only the last `sliding_window` keys of a prompt longer than the window: the

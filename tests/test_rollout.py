@@ -312,3 +312,13 @@ def test_a_tokenizer_and_model_without_eos_are_warned_about_once(tokenizer):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sampler.sample(model, ["ab"], torch.arange(1), 1)  # once
+
+
+def test_a_prompt_with_no_tokens_is_named(tokenizer):
+    """A prompt that tokenizes to nothing (an empty one, with a tokenizer that adds no BOS) has nothing to
+    sample after: a DataError naming it, not an error from `max()` of an empty tensor."""
+    from reinforce_lm.errors import DataError
+
+    model = toy.make_model("llama", tokenizer)
+    with pytest.raises(DataError, match=r"prompt 1 \(''\) has no tokens"):
+        Sampler(tokenizer, max_new_tokens=2).sample(model, ["a?", ""], torch.arange(2), 1)
