@@ -46,6 +46,20 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = False)
     return (normed * weight).to(x.dtype) if gemma else weight * normed.to(x.dtype)
 
 
+def _linear(x: torch.Tensor, w: torch.Tensor, b, loras: tuple) -> torch.Tensor:
+    """A projection [..., in] -> [..., out]: the layer's `F.linear`, plus each LoRA adapter's
+    B(A(x)) * scaling in the order peft adds them (x cast to A's dtype; the sum cast back to the base
+    output's dtype). `loras`: (A weight, B weight, B bias, scaling) per active adapter."""
+    y = F.linear(x, w, b)
+    if not loras:
+        return y
+    dtype = y.dtype
+    for a, b_w, b_b, scaling in loras:
+        xa = x if x.dtype == a.dtype else x.to(a.dtype)
+        y = y + F.linear(F.linear(xa, a), b_w, b_b) * scaling
+    return y.to(dtype)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding: x*cos + rotate_half(x)*sin, with rotate_half(x) = [-x2, x1].
 
@@ -186,16 +200,16 @@ class LeanDecoder:
         ), kc, vc in zip(self.layers, self.k, self.v, strict=True):
             cos, sin = rope[r]
             x = _rms(h, *ln1)
-            q = F.linear(x, *q_).view(B, H, -1)  # [B, H, hd]
-            k = F.linear(x, *k_).view(B, KV, -1)
+            q = _linear(x, *q_).view(B, H, -1)  # [B, H, hd]
+            k = _linear(x, *k_).view(B, KV, -1)
             if qn is not None:  # Qwen3, Gemma 3: RMSNorm over each head
                 q, k = _rms(q, *qn), _rms(k, *kn)
-            v = F.linear(x, *v_).view(B, KV, -1)
+            v = _linear(x, *v_).view(B, KV, -1)
             keys, values, m = write_and_span(kc, vc, _rotate(k, cos, sin), v, window)
-            o = F.linear(_attend(_rotate(q, cos, sin), keys, values, m, scale), *o_)  # [B, D]
+            o = _linear(_attend(_rotate(q, cos, sin), keys, values, m, scale), *o_)  # [B, D]
             h = h + (_rms(o, *post_attn) if post_attn is not None else o)  # Gemma 3 norms both outputs
             x = _rms(h, *ln2)
-            x = F.linear(act(F.linear(x, *gate)) * F.linear(x, *up), *down)
+            x = _linear(act(_linear(x, *gate)) * _linear(x, *up), *down)
             h = h + (_rms(x, *post_mlp) if post_mlp is not None else x)
         x, (w, b) = _rms(h, *self.norm), self.head
         if torch.is_autocast_enabled(x.device.type) or not reuse_out:  # autocast: its dtype, as the model

@@ -3,8 +3,9 @@
 `read(model, cache, n_cached)` returns a `Layout` (each layer's projections, norms, window, scaling,
 activation and rope table; the embeddings, final norm and head; the prefilled cache's keys and values)
 for the architectures whose forward the lean step reproduces exactly, and None for anything else:
-other architectures, LoRA or quantised layers, hooked (FSDP) modules, norms or rope scalings it does not
-know, soft-capped attention, a cache that dropped prompt keys. No maths here: the step is in decoder.py.
+other architectures, quantised layers or LoRA variants (plain LoRA adapters are read), hooked (FSDP)
+modules, norms or rope scalings it does not know, soft-capped attention, a cache that dropped prompt
+keys. No maths here: the step is in decoder.py.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class Layout:
 def read(model, cache, n_cached: int) -> Layout | None:
     """The `Layout` of `model` over `cache` (a prefilled transformers cache holding `n_cached` positions),
     or None when it is not one the lean step reproduces exactly."""
+    if type(getattr(model, "base_model", None)).__name__ == "LoraModel":  # peft: the model it wraps
+        model = model.base_model.model
     if type(model).__name__ not in ARCHITECTURES:
         return None
     try:
@@ -107,11 +110,45 @@ def _ropes(model, inner) -> tuple[list, list[int]] | None:
     return ropes, [types.index(t) for t in model.config.layer_types[: len(inner.layers)]]
 
 
+def _projection(m) -> tuple | None:
+    """(weight, bias, loras) for `decoder._linear`: a plain `nn.Linear`, or peft's LoRA `Linear` over one
+    (its active adapters as (A, B, B's bias, scaling), nothing once merged or disabled, as its forward
+    does); None for anything else (quantised layers, DoRA and other LoRA variants)."""
+    if _plain(m):
+        return (m.weight, m.bias, ())
+    if type(m).__name__ != "Linear" or not type(m).__module__.startswith("peft.tuners.lora"):
+        return None
+    base = m.base_layer
+    if not _plain(base):
+        return None
+    if m.merged or m.disable_adapters:  # the base layer alone (a merged one holds the adapters' sum)
+        return (base.weight, base.bias, ())
+    loras = []
+    for name in m.active_adapters:
+        if name not in m.lora_A:
+            continue
+        if name in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(name):
+            return None
+        a, b = m.lora_A[name], m.lora_B[name]
+        if not _plain(a, b):
+            return None
+        loras.append((a.weight, b.weight, b.bias, m.scaling[name]))
+    return (base.weight, base.bias, tuple(loras))
+
+
 def _split(linear: tuple, sizes: list[int], names: list[str]) -> dict:
-    """A fused projection's (weight, bias) as one (weight, bias) per output block, views without copies."""
-    w, b = linear
-    ws, bs = w.split(sizes), b.split(sizes) if b is not None else [None] * len(sizes)
-    return {name: (wi, bi) for name, wi, bi in zip(names, ws, bs, strict=True)}
+    """A fused projection's (weight, bias, loras) as one per output block: views without copies (a LoRA
+    adapter's B splits by rows; its A is shared)."""
+
+    def rows(t):
+        return t.split(sizes) if t is not None else [None] * len(sizes)
+
+    w, b, loras = linear
+    per_lora = [list(zip(rows(bw), rows(bb), strict=True)) for _, bw, bb, _ in loras]
+    return {
+        name: (wi, bi, tuple((a, *parts[i], s) for (a, _, _, s), parts in zip(loras, per_lora, strict=True)))
+        for i, (name, wi, bi) in enumerate(zip(names, rows(w), rows(b), strict=True))
+    }
 
 
 def _read(model, cache, n_cached: int) -> Layout | None:
@@ -151,7 +188,8 @@ def _read(model, cache, n_cached: int) -> Layout | None:
         if getattr(a, "q_norm", None) is not None:  # Qwen3, Gemma 3
             norms.update(qn=a.q_norm, kn=a.k_norm)
         k, v = getattr(c, "keys", None), getattr(c, "values", None)
-        if not _plain(*parts.values()) or not all(_rms_norm(n) for n in norms.values()):
+        lin = {name: _projection(m) for name, m in parts.items()}  # decoder._linear(x, w, b, loras)
+        if None in lin.values() or not all(_rms_norm(n) for n in norms.values()):
             return None
         if k is None or k.dim() != 4 or k.shape[-2] != n_cached:  # e.g. a sliding cache that dropped keys
             return None
@@ -161,7 +199,6 @@ def _read(model, cache, n_cached: int) -> Layout | None:
                 return None  # the config's was changed after loading: which one the forward uses varies
         else:  # Mistral and Phi-3 read it from the config
             window = cfg.sliding_window if type(model).__name__ in CONFIG_WINDOW else None
-        lin = {name: (m.weight, m.bias) for name, m in parts.items()}  # F.linear(x, w, b)
         if "qkv" in lin:
             q, kv = cfg.num_attention_heads * a.head_dim, cfg.num_key_value_heads * a.head_dim
             lin.update(_split(lin.pop("qkv"), [q, kv, kv], ["q", "k", "v"]))

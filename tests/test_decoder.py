@@ -166,19 +166,70 @@ def test_lean_decoder_declines_what_it_does_not_reproduce(tokenizer):
     assert attempt(_model("mistral_window", tokenizer, sliding_window=5)) is None
 
 
-def test_lean_decoder_declines_lora(tokenizer):
+def _lora(name: str, tokenizer, **extra):
+    """`name` wrapped in LoRA adapters on every linear layer, with B made non-zero (peft starts it at 0,
+    where an adapter changes nothing and a lean step that ignored it would pass)."""
     peft = pytest.importorskip("peft")
-    model = _model("llama", tokenizer)
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    g = torch.arange(2)
-    r = Sampler(tokenizer, max_new_tokens=5).sample(lora, PROMPTS[:2], g, 2, row_seeds(0, 0, g, 2))
+    model = _model(name, tokenizer)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear", **extra)
+    lora = peft.get_peft_model(model, config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    return lora.eval()
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("name", ["llama", "phi3", "gemma3"])
+def test_lean_steps_with_lora_adapters_match_the_forward(name, static, tokenizer, monkeypatch):
+    """A LoRA policy (`--lora-r`) decodes with the lean step: each projection adds B(A(x)) * scaling as
+    peft does, Phi-3's fused projections with B split by rows; the same log-probs as peft's forward."""
+    lora = _lora(name, tokenizer)
+    built = _static(monkeypatch) if static else []
+    if not static:
+        real = decoder.lean_decoder
+        monkeypatch.setattr(
+            "reinforce_lm.rollout.lean_decoder", lambda *a: built.append(real(*a)) or built[-1]
+        )
+    g = torch.arange(len(PROMPTS))
+    seeds = row_seeds(0, 0, g, 2)
+    r = Sampler(tokenizer, max_new_tokens=9).sample(lora, PROMPTS, g, 2, seeds)
+    assert isinstance(built[0], decoder.LeanDecoder)
     full = token_logprobs(lora, r.input_ids, r.attention_mask, r.response_ids.shape[1])
     assert torch.allclose(full * r.response_mask, r.logp, atol=1e-5)
+    monkeypatch.undo()
+    plain = Sampler(tokenizer, max_new_tokens=9, lean=False).sample(lora, PROMPTS, g, 2, seeds)
+    assert plain.completions == r.completions
+    # the adapters matter here: the base model alone samples other completions
+    built = _static(monkeypatch)
+    with lora.disable_adapter():
+        base = Sampler(tokenizer, max_new_tokens=9).sample(lora, PROMPTS, g, 2, seeds)
+        full = token_logprobs(lora, base.input_ids, base.attention_mask, base.response_ids.shape[1])
+    assert isinstance(built[0], decoder.LeanDecoder) and base.completions != r.completions
+    assert torch.allclose(full * base.response_mask, base.logp, atol=1e-5)  # disabled: the base alone
+
+
+def test_lean_steps_with_merged_lora_and_declined_variants(tokenizer, monkeypatch):
+    g = torch.arange(len(PROMPTS))
+    seeds = row_seeds(0, 0, g, 2)
+    merged = _lora("qwen3", tokenizer)
+    merged.merge_adapter()  # the base weights now hold W + BA * scaling; the forward uses them alone
+    built = _static(monkeypatch)
+    r = Sampler(tokenizer, max_new_tokens=9).sample(merged, PROMPTS, g, 2, seeds)
+    assert isinstance(built[0], decoder.LeanDecoder)
+    full = token_logprobs(merged, r.input_ids, r.attention_mask, r.response_ids.shape[1])
+    assert torch.allclose(full * r.response_mask, r.logp, atol=1e-5)
+    dora = _lora("llama", tokenizer, use_dora=True)  # a LoRA variant: the model's forward samples
     ids = tokenizer(["a?"], return_tensors="pt").input_ids
     with torch.no_grad():
-        out = lora.get_base_model()(input_ids=ids, use_cache=True)
+        out = dora(input_ids=ids, use_cache=True)
     cache = out.get("cache", None) or out.past_key_values
-    assert decoder.lean_decoder(lora.get_base_model(), cache, ids.shape[1], 4) is None
+    assert decoder.lean_decoder(dora, cache, ids.shape[1], 4) is None
+    r = Sampler(tokenizer, max_new_tokens=9).sample(dora, PROMPTS, g, 2, seeds)
+    full = token_logprobs(dora, r.input_ids, r.attention_mask, r.response_ids.shape[1])
+    assert torch.allclose(full * r.response_mask, r.logp, atol=1e-5)
 
 
 def test_finished_rows_are_dropped_in_the_lean_decoder(tokenizer):
