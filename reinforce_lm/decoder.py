@@ -179,38 +179,20 @@ class LeanDecoder:
         if self.embed_scale is not None:
             h = h * self.embed_scale
         rope = [(cos[positions][:, None], sin[positions][:, None]) for cos, sin in self.tables]  # [B, 1, hd]
-        for (
-            ln1,
-            q_,
-            k_,
-            v_,
-            o_,
-            post_attn,
-            ln2,
-            gate,
-            up,
-            down,
-            post_mlp,
-            qn,
-            kn,
-            window,
-            scale,
-            act,
-            r,
-        ), kc, vc in zip(self.layers, self.k, self.v, strict=True):
-            cos, sin = rope[r]
-            x = _rms(h, *ln1)
-            q = _linear(x, *q_).view(B, H, -1)  # [B, H, hd]
-            k = _linear(x, *k_).view(B, KV, -1)
-            if qn is not None:  # Qwen3, Gemma 3: RMSNorm over each head
-                q, k = _rms(q, *qn), _rms(k, *kn)
-            v = _linear(x, *v_).view(B, KV, -1)
-            keys, values, m = write_and_span(kc, vc, _rotate(k, cos, sin), v, window)
-            o = _linear(_attend(_rotate(q, cos, sin), keys, values, m, scale), *o_)  # [B, D]
-            h = h + (_rms(o, *post_attn) if post_attn is not None else o)  # Gemma 3 norms both outputs
-            x = _rms(h, *ln2)
-            x = _linear(act(_linear(x, *gate)) * _linear(x, *up), *down)
-            h = h + (_rms(x, *post_mlp) if post_mlp is not None else x)
+        for L, kc, vc in zip(self.layers, self.k, self.v, strict=True):  # L: a lean_layout.Layer
+            cos, sin = rope[L.rope]
+            x = _rms(h, *L.ln1)
+            q = _linear(x, *L.q).view(B, H, -1)  # [B, H, hd]
+            k = _linear(x, *L.k).view(B, KV, -1)
+            if L.q_norm is not None:  # Qwen3, Gemma 3: RMSNorm over each head
+                q, k = _rms(q, *L.q_norm), _rms(k, *L.k_norm)
+            v = _linear(x, *L.v).view(B, KV, -1)
+            keys, values, m = write_and_span(kc, vc, _rotate(k, cos, sin), v, L.window)
+            o = _linear(_attend(_rotate(q, cos, sin), keys, values, m, L.scale), *L.o)  # [B, D]
+            h = h + (_rms(o, *L.post_attn) if L.post_attn is not None else o)  # Gemma 3 norms both outputs
+            x = _rms(h, *L.ln2)
+            x = _linear(L.act(_linear(x, *L.gate)) * _linear(x, *L.up), *L.down)
+            h = h + (_rms(x, *L.post_mlp) if L.post_mlp is not None else x)
         x, (w, b) = _rms(h, *self.norm), self.head
         if torch.is_autocast_enabled(x.device.type) or not reuse_out:  # autocast: its dtype, as the model
             return F.linear(x, w, b)  # [B, V]

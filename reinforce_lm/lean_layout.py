@@ -10,7 +10,9 @@ keys. No maths here: the step is in decoder.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +31,35 @@ CONFIG_WINDOW = ("MistralForCausalLM", "Phi3ForCausalLM")  # attention reads sli
 RMS_NORMS = tuple(f"{m}RMSNorm" for m in ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma3", "Phi3"))
 
 
+class Layer(NamedTuple):
+    """One decoder layer: norms as (weight, eps, gemma) for `decoder._rms`, projections as
+    (weight, bias, loras) for `decoder._linear`; optional parts None."""
+
+    ln1: tuple  # before attention
+    q: tuple
+    k: tuple
+    v: tuple
+    o: tuple
+    post_attn: tuple | None  # Gemma 3: on the attention's output
+    ln2: tuple  # before the MLP
+    gate: tuple
+    up: tuple
+    down: tuple
+    post_mlp: tuple | None  # Gemma 3: on the MLP's output
+    q_norm: tuple | None  # Qwen3, Gemma 3: over each head
+    k_norm: tuple | None
+    window: int | None  # sliding window (the last `window` positions), None: all
+    scale: float  # attention's score scaling
+    act: Callable  # the MLP's activation
+    rope: int  # which rotary table (`Layout.ropes`)
+
+
 @dataclass
 class Layout:
-    """A decoder read from a model: `layers[i]` is the tuple `LeanDecoder._forward` unpacks (norms as
-    (weight, eps, gemma), projections as (weight, bias)), `ropes` the (inverse frequencies, scaling) of
-    each rotary table, `keys`/`values` the prefilled cache per layer [B, KV, Lp, hd]."""
+    """A decoder read from a model: its `layers`, `ropes` the (inverse frequencies, scaling) of each
+    rotary table, `keys`/`values` the prefilled cache per layer [B, KV, Lp, hd]."""
 
-    layers: list[tuple]
+    layers: list[Layer]
     ropes: list[tuple]
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -206,9 +230,16 @@ def _read(model, cache, n_cached: int) -> Layout | None:
             lin.update(_split(lin.pop("gate_up"), [half, half], ["gate", "up"]))
         rms = {name: _norm(n) for name, n in norms.items()}  # _rms(x, w, eps, gemma)
         layers.append(
-            (rms["ln1"], lin["q"], lin["k"], lin["v"], lin["o"], rms.get("post_attn"), rms["ln2"])
-            + (lin["gate"], lin["up"], lin["down"], rms.get("post_mlp"), rms.get("qn"), rms.get("kn"))
-            + (window, a.scaling, _act(mlp), table)
+            Layer(
+                **{n: lin[n] for n in ("q", "k", "v", "o", "gate", "up", "down")},
+                **{n: rms.get(n) for n in ("ln1", "post_attn", "ln2", "post_mlp")},
+                q_norm=rms.get("qn"),
+                k_norm=rms.get("kn"),
+                window=window,
+                scale=a.scaling,
+                act=_act(mlp),
+                rope=table,
+            )
         )
         keys.append(k)
         values.append(v)
