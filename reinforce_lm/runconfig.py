@@ -13,8 +13,10 @@ from reinforce_lm.errors import ConfigError
 
 # What a run's checkpoints depend on: resuming with another value cannot load them (command, algorithm,
 # LoRA rank), would train against another reference (model, ref_model), or would be silently ignored
-# because the schedule resumes from the checkpoint (lr, critic_lr).
-_KIND = ("command", "algorithm", "lora_r", "model", "ref_model", "lr", "critic_lr")
+# because the schedule resumes from the checkpoint (lr, critic_lr) or the adapter from its saved config
+# (LoRA's alpha, dropout and target modules, compared only for a LoRA run).
+_LORA = ("lora_alpha", "lora_dropout", "lora_target_modules")
+_KIND = ("command", "algorithm", "lora_r", "model", "ref_model", "lr", "critic_lr", *_LORA)
 
 
 _PATHS = ("model", "ref_model")
@@ -69,7 +71,7 @@ def check_same_kind(cfg, out: Path) -> None:
     diff = [
         f"{k}: {was[k]} there, {now[k]} now"
         for k in _KIND
-        if k in saved and not _same(k, was, now, saved, cfg)
+        if k in saved and not _same(k, was, now, saved, cfg) and (k not in _LORA or was["lora_r"])
     ]
     if diff:
         raise ConfigError(

@@ -431,6 +431,25 @@ def test_resume_checks_the_run_and_stops_when_it_is_done(task, tmp_path, capsys)
             run_train(config(task, tmp_path, steps=3, resume=True, **kw))
 
 
+
+def test_resume_of_a_lora_run_refuses_other_adapter_options(task, tmp_path):
+    """A resumed LoRA run continues its saved adapter, whose config fixes alpha, dropout and targets:
+    other values would be ignored while run_config.json recorded them as applied."""
+    pytest.importorskip("peft")
+    run_train(config(task, tmp_path, steps=1, lora_r=4))
+    for kw, diff in [
+        (dict(lora_alpha=4.0), "lora_alpha: 16.0 there, 4.0 now"),
+        (dict(lora_target_modules="q_proj"), "lora_target_modules: all-linear there, q_proj now"),
+        (dict(lora_dropout=0.1), "lora_dropout: None there, 0.1 now"),
+    ]:
+        with pytest.raises(ConfigError, match=f"was started with other options .{diff}"):
+            run_train(config(task, tmp_path, steps=2, resume=True, lora_r=4, **kw))
+    assert run_train(config(task, tmp_path, steps=2, resume=True, lora_r=4)) == 0
+    # a full-weight run ignores the LoRA options: other values there change nothing
+    run_train(config(task, tmp_path / "full", steps=1))
+    assert run_train(config(task, tmp_path / "full", steps=2, resume=True, lora_alpha=4.0)) == 0
+
+
 def test_resume_knows_a_model_directory_however_it_is_written(task, tmp_path, monkeypatch):
     """A job requeued from another working directory, or with the path spelled otherwise, resumes."""
     monkeypatch.chdir(task)
