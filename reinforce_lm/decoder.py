@@ -77,12 +77,18 @@ def _attend(q, k, v, mask, scale: float, fused: bool | None = None) -> torch.Ten
     """One query per row over the cache: q [B, H, hd], k/v [B, KV, n, hd], mask [B, 1, 1, n] bool or
     None -> [B, H*hd]. Grouped queries share their key/value head without copying it.
 
-    On CPU, for a single query, two matmuls and a float32 softmax (Hugging Face's eager attention) beat
-    `scaled_dot_product_attention` by 1.2-1.9x; elsewhere (or with `fused=True`) the fused kernel is used.
+    On CPU in float32, for a single query, two matmuls and a float32 softmax (Hugging Face's eager
+    attention) beat `scaled_dot_product_attention` by 1.2-1.9x. Elsewhere (or with `fused=True`) the fused
+    kernel is used: also on CPU in bf16 (weights or autocast), where the two matmuls round the scores to
+    bf16 and the fused kernel, which the model's forward uses, accumulates them in float32 (sampling
+    drifted from the update by ~1e-3 in log-prob, against ~1e-7 with the fused kernel).
     """
     B, H, hd = q.shape
     KV = k.shape[1]
-    if fused if fused is not None else q.device.type != "cpu":
+    if fused is None:
+        cpu = q.device.type == "cpu"
+        fused = not cpu or q.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+    if fused:
         o = F.scaled_dot_product_attention(
             q[:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=H != KV
         )

@@ -431,7 +431,6 @@ def test_resume_checks_the_run_and_stops_when_it_is_done(task, tmp_path, capsys)
             run_train(config(task, tmp_path, steps=3, resume=True, **kw))
 
 
-
 def test_resume_of_a_lora_run_refuses_other_adapter_options(task, tmp_path):
     """A resumed LoRA run continues its saved adapter, whose config fixes alpha, dropout and targets:
     other values would be ignored while run_config.json recorded them as applied."""

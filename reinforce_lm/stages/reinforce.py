@@ -21,7 +21,7 @@ from reinforce_lm.rewards import RewardSet
 from reinforce_lm.rollout import Rollout, Sampler, row_seeds
 
 # |sampler - update| log-prob of a sampled token that rounding explains: the largest in float32, the
-# mean over tokens in bf16 (measured ~5e-4 on CPU, bf16 autocast or weights); a fault gives ~0.1-1
+# mean over tokens in bf16 (at most ~1e-3; 5e-8 for toy models on CPU); a fault gives ~0.1-1
 GAP_WARN, GAP_WARN_MEAN_BF16 = 1e-3, 0.02
 
 
