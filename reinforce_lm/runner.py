@@ -178,6 +178,15 @@ def note_sampling(cfg, model, d) -> None:
 def load_policy(cfg, d, init_path: str, resume=None):
     # FSDP moves each shard to the device as it shards, so the whole model only ever sits in CPU memory.
     sharded = cfg.fsdp and d.enabled
+    p = Path(init_path)
+    if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+        # transformers loads it as a frozen base with an inference adapter: nothing to train (and peft
+        # wraps it a second time under --lora-r)
+        raise ConfigError(
+            f"--model {init_path} is a LoRA adapter directory; a policy trains from a whole model: the "
+            f"merged model of that checkpoint ({p.resolve().parent}), with --lora-r for new adapters, or "
+            "--resume the run it came from"
+        )
     if cfg.lora_r and resume is not None:  # a LoRA checkpoint is merged: train on from base + adapter
         init_path = cfg.model
     policy = load_causal_lm(init_path, cfg.dtype, "cpu" if sharded else d.device)

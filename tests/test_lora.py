@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from reinforce_lm import cli, toy
 from reinforce_lm.config import TrainConfig
 from reinforce_lm.distributed import Dist
+from reinforce_lm.errors import ConfigError
 from reinforce_lm.files import write_jsonl
 from reinforce_lm.logprobs import token_logprobs
 from reinforce_lm.lora import RefViaDisabledAdapter, apply_lora
@@ -163,8 +164,41 @@ def test_chunked_head_with_an_adapter_on_the_head(monkeypatch, llama_dir, tokeni
 
 
 def test_unknown_target_modules_name_the_model_layers(llama_dir):
-    from reinforce_lm.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"named 'qproj'; its layers are .*q_proj.*did you mean 'q_proj'"):
         apply_lora(load_causal_lm(str(llama_dir)), 4, 16.0, 0.0, "qproj,v_proj")
     apply_lora(load_causal_lm(str(llama_dir)), 4, 16.0, 0.0, "self_attn.q_proj, v_proj")  # suffixes work
+
+
+def test_an_adapter_directory_as_the_policy_is_refused_with_the_merged_model_named(
+    tmp_path, llama_dir, capsys
+):
+    """`--model RUN/checkpoint-N/adapter` loaded as a frozen base plus an inference adapter: an optimizer
+    with no parameters (or peft wrapping it twice under --lora-r). The error names the merged model."""
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, toy.letter_prompts(8))
+    common = [
+        f"--prompts={prompts}",
+        "--reward=reinforce_lm.toy:letter_reward",
+        "--prompts-per-step=2",
+        "--samples-per-prompt=2",
+        "--max-new-tokens=4",
+        "--no-progress",
+    ]
+    out = tmp_path / "out"
+    cli.main(["train", f"--model={llama_dir}", f"--output-dir={out}", "--steps=1", "--lora-r=4", *common])
+    adapter = out / "checkpoint-1" / "adapter"
+    for lora in ([], ["--lora-r=4"]):
+        with pytest.raises(SystemExit):
+            cli.main(
+                [
+                    "train",
+                    f"--model={adapter}",
+                    f"--output-dir={tmp_path / 'again'}",
+                    "--steps=1",
+                    *lora,
+                    *common,
+                ]
+            )
+        err = capsys.readouterr().err
+        assert "is a LoRA adapter directory" in err and f"({out / 'checkpoint-1'})" in err
