@@ -20,15 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
-from reinforce_lm.data import keep_last, writes_bos
 from reinforce_lm.decoder import lean_decoder
 
 # row_seeds: the seeds `Sampler.sample` takes, imported from here by its callers
 from reinforce_lm.draws import _draw, _uniforms, filter_logits, row_seeds  # noqa: F401
-from reinforce_lm.errors import DataError
 from reinforce_lm.hf_generate import generate
 from reinforce_lm.kv_cache import attends, can_select, preallocate, repeat_cache
-from reinforce_lm.models import cache_kwarg, embedding_rows, forward_kwargs, takes_position_ids
+from reinforce_lm.models import cache_kwarg, forward_kwargs, takes_position_ids
+from reinforce_lm.prompt_ids import check_ids, encode_prompts
 
 
 @dataclass
@@ -155,42 +154,13 @@ class Sampler:
         return ids
 
     def encode(self, prompts: list[str], device, templated=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompt ids [P, Lp] and mask. A plain prompt gets the tokenizer's special tokens
-        (its BOS), once; one rendered by a chat template (`templated[i]`) gets none, as SFT and
-        `apply_chat_template(tokenize=True)` tokenize it: the template writes what it wants. A prompt
-        longer than `max_prompt_length` keeps its last tokens, and its BOS (also one a template wrote).
-
-        The padding repeats the row's first id, not the pad id. It is masked out of attention either
-        way, but a pad id whose embedding row is zero (as `padding_idx` leaves it) can run through the
-        layers as exact zeros, where a norm's derivative is infinite: Gemma 3n's gradients were NaN
-        with left-padded prompts (0 * inf), and with a real token there they are finite."""
-        templated = templated or [False] * len(prompts)
-        plain = [not t and not writes_bos(self.tok, p) for p, t in zip(prompts, templated, strict=True)]
-        rows = [None] * len(prompts)
-        for special in (False, True):
-            which = [i for i, w in enumerate(plain) if w == special]
-            if which:
-                ids = self.tok([prompts[i] for i in which], add_special_tokens=special)["input_ids"]
-                for i, r in zip(which, ids, strict=True):
-                    rows[i] = r
-        if not self._warned_cut and any(len(r) > self.max_prompt_length for r in rows):
+        """Left-padded prompt ids [P, Lp] and mask (`prompt_ids.encode_prompts`); warns once a run when
+        prompts are cut to `max_prompt_length`."""
+        ids, mask, cut = encode_prompts(self.tok, prompts, self.max_prompt_length, self.pad_id, templated)
+        if cut and not self._warned_cut:
             self._warned_cut = True  # once a run
             warnings.warn(f"prompts longer than max_prompt_length={self.max_prompt_length} tokens keep their "
                           "last ones (and BOS)", stacklevel=3)  # fmt: skip
-        rows = [keep_last(r, self.max_prompt_length, self.tok.bos_token_id) for r in rows]
-        empty = next((i for i, r in enumerate(rows) if not r), None)
-        if empty is not None:
-            raise DataError(
-                f"prompt {empty} ({prompts[empty]!r}) has no tokens: there is nothing to sample after (this "
-                "tokenizer adds no BOS to an empty prompt)"
-            )
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            if r:
-                ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r), 1
-                ids[i, : width - len(r)] = r[0]
         return ids.to(device), mask.to(device)
 
     @torch.no_grad()
@@ -226,7 +196,7 @@ class Sampler:
     def _sample(self, model, prompts, group_ids, k: int, row_seed, greedy: bool, templated) -> Rollout:
         device = next(model.parameters()).device
         ids, mask = self.encode(list(prompts), device, templated)  # [P, Lp]
-        _check_ids(ids, mask, model, prompts, self.pad_id)
+        check_ids(ids, mask, model, prompts, self.pad_id)
         was_training = model.training
         model.eval()
         try:
@@ -388,26 +358,3 @@ class Sampler:
             eos_ids=self.eos_ids(model),
             synced=self.sync_stop is not None,
         )
-
-
-def _check_ids(ids: torch.Tensor, mask: torch.Tensor, model, prompts, pad_id: int) -> None:
-    """Token ids past the model's embedding (a tokenizer with tokens the model was never resized for)
-    would be an index error deep inside the forward; name the prompt and the token instead. The pad id
-    too: it is fed to finished rows and pads the responses, so it would fail later, at random."""
-    rows = embedding_rows(model)
-    if rows is None:  # a model that does not say: its forward will tell
-        return
-    if pad_id >= rows:
-        raise DataError(
-            f"the pad token id {pad_id} is past the model's embedding ({rows} rows): the tokenizer has "
-            "tokens the model was not resized for (resize_token_embeddings), or set a pad_token that the "
-            "model has, e.g. its EOS"
-        )
-    if int(ids.max()) < rows:
-        return
-    bad = (ids >= rows) & mask.bool()  # [P, Lp]
-    i = int(bad.any(1).nonzero()[0])
-    raise DataError(
-        f"prompt {prompts[i][:60]!r} has token id {int(ids[i][bad[i]][0])}, but the model's embedding has "
-        f"{rows} rows: its tokenizer has tokens the model was not resized for (resize_token_embeddings)"
-    )
