@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,12 @@ def _choice(cfg, name: str, choices) -> None:
 
 
 _MAY_BE_INF = ("max_grad_norm", "reward_clip", "clip_eps", "value_clip_eps")  # inf: no clipping
+
+
+def _changed(cfg, *names: str) -> list[str]:
+    """The flags (`--lora-alpha`) of the fields among `names` whose value is not their default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    return ["--" + n.replace("_", "-") for n in names if getattr(cfg, n) != defaults[n]]
 
 
 def _positive(cfg, *names: str, allow_zero: bool = False) -> None:
@@ -182,6 +189,11 @@ class EngineConfig:
         _seed(self)
         if self.lora_r and self.fsdp:
             raise ConfigError("lora_r with fsdp is not supported yet: LoRA runs replicate (DDP) instead")
+        if not self.lora_r and (
+            unused := _changed(self, "lora_alpha", "lora_dropout", "lora_target_modules")
+        ):
+            warnings.warn(f"{', '.join(unused)} without --lora-r: LoRA is off, and every weight trains",
+                          stacklevel=3)  # fmt: skip
 
 
 @dataclass
@@ -260,6 +272,9 @@ class TrainConfig(EngineConfig):
         _choice(self, "algorithm", ("reinforce", "ppo"))
         if self.estimator == "ppo":
             raise ConfigError("ppo is an algorithm, not an estimator: pass --algorithm ppo")
+        if self.algorithm == "ppo" and _changed(self, "estimator"):
+            warnings.warn(f"--estimator {self.estimator} is for --algorithm reinforce: PPO's advantages "
+                          "are GAE over its critic's values", stacklevel=3)  # fmt: skip
         _choice(self, "estimator", ESTIMATORS)
         _choice(self, "kl_estimator", ("k1", "k2", "k3"))
         _choice(self, "kl_in", ("reward", "loss"))

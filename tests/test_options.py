@@ -3,6 +3,8 @@ that names the file and the key."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from reinforce_lm import cli
@@ -68,3 +70,22 @@ def test_the_cli_prints_a_yaml_error_as_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert err == f"reinforce-lm train: error: {path}:4: key 'steps' is given twice\n"
+
+
+def test_options_that_do_nothing_in_this_run_are_warned_about():
+    """--lora-alpha without --lora-r trains every weight (a LoRA run was likely meant); --estimator with
+    --algorithm ppo is not used. Both say so; their defaults, or the options in use, say nothing."""
+    from reinforce_lm.config import TrainConfig
+
+    base = dict(model="m", prompts="p.jsonl", reward=["r.py:f"], output_dir="out")
+    with pytest.warns(
+        UserWarning, match=r"--lora-alpha, --lora-target-modules without --lora-r: LoRA is off"
+    ):
+        TrainConfig(**base, lora_alpha=32.0, lora_target_modules="q_proj")
+    with pytest.warns(UserWarning, match=r"--estimator grpo is for --algorithm reinforce"):
+        TrainConfig(**base, algorithm="ppo", estimator="grpo")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainConfig(**base, lora_r=4, lora_alpha=32.0)
+        TrainConfig(**base, algorithm="ppo")
+        TrainConfig(**base, estimator="grpo")
