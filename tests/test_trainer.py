@@ -446,7 +446,8 @@ def test_resume_of_a_lora_run_refuses_other_adapter_options(task, tmp_path):
     assert run_train(config(task, tmp_path, steps=2, resume=True, lora_r=4)) == 0
     # a full-weight run ignores the LoRA options: other values there change nothing
     run_train(config(task, tmp_path / "full", steps=1))
-    assert run_train(config(task, tmp_path / "full", steps=2, resume=True, lora_alpha=4.0)) == 0
+    with pytest.warns(UserWarning, match="--lora-alpha without --lora-r"):
+        assert run_train(config(task, tmp_path / "full", steps=2, resume=True, lora_alpha=4.0)) == 0
 
 
 def test_resume_knows_a_model_directory_however_it_is_written(task, tmp_path, monkeypatch):
@@ -823,7 +824,8 @@ def test_yaml_values_the_shell_would_have_expanded_or_left_empty(task, tmp_path,
         "lora_target_modules: [q_proj, v_proj]\n"
     )
     parsed = cli.build_parser().parse_args(["train", "--config", str(yaml_file)])
-    cfg = cli.parse_config(TrainConfig, parsed)
+    with pytest.warns(UserWarning, match="--lora-target-modules without --lora-r"):
+        cfg = cli.parse_config(TrainConfig, parsed)
     assert (cfg.model, cfg.prompts, cfg.output_dir) == (
         f"{task}/model",
         f"{task}/prompts.jsonl",
