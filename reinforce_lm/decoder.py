@@ -31,6 +31,12 @@ from reinforce_lm.lean_layout import Layout, read
 SPAN = 256  # static steps attend over the cache in spans of this many positions (`LeanDecoder`)
 
 
+def graphable(device: torch.device) -> bool:
+    """Whether decode steps on `device` can be CUDA graphs: capture and replay use the current CUDA
+    device's streams, so only a model on that device."""
+    return device.type == "cuda" and device.index == torch.cuda.current_device()
+
+
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = False) -> torch.Tensor:
     """Hugging Face's RMSNorms, [..., D] -> [..., D], normalising in float32. Llama's casts back, then
     scales; Gemma's scales in float32 by 1 + its parameter (`weight` here: made once per rollout), then
@@ -102,9 +108,9 @@ def _attend(q, k, v, mask, scale: float, fused: bool | None = None) -> torch.Ten
 class LeanDecoder:
     """Decode steps over a prefilled cache. B rows, Lp prompt positions, room for `extra` more.
 
-    `static=True` keeps every shape fixed from step to step: attention runs over the whole cache with a
-    mask of the positions written so far (not over a growing slice), and the position a step writes is
-    a one-element tensor that the step advances itself. On CUDA such a step is captured into a CUDA
+    `static=True` keeps every shape fixed from step to step: attention runs over the preallocated cache
+    with a mask of the positions written so far (not over a growing slice), and the position a step
+    writes is a one-element tensor that the step advances itself. On CUDA such a step is captured into a CUDA
     graph and replayed for every token: one launch per token instead of one per op (~40 per layer),
     which sets the sampling speed of small and medium models on a GPU. Attention reads the cache up to
     the next multiple of `SPAN` positions, so a graph serves SPAN tokens and is captured again for the
@@ -142,12 +148,10 @@ class LeanDecoder:
         self.v = [grown(v, extra, zeros=static) for v in layout.values]
         self.out = None  # [B, V] logits, written by every step (the caller reads them before the next)
         self.static = static
-        # Graphs capture and replay on the current device's streams: only for a model on that device
-        dev = self.embed.device
-        self.graphs = static and dev.type == "cuda" and dev.index == torch.cuda.current_device()
+        self.graphs = static and graphable(self.embed.device)
         self._valid = None  # static: [B, 1, 1, Lp+extra] bool, the positions attended to
         self._graph = self._stream = self._key = None
-        self.captures = 0  # CUDA graphs captured (one per batch size decoded)
+        self.captures = 0  # CUDA graphs captured (one per batch size and span decoded)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (finished rows are not decoded further)."""

@@ -210,7 +210,7 @@ def _read(model, cache, n_cached: int) -> Layout | None:
         else:
             norms = dict(ln1=layer.input_layernorm, ln2=layer.post_attention_layernorm)
         if getattr(a, "q_norm", None) is not None:  # Qwen3, Gemma 3
-            norms.update(qn=a.q_norm, kn=a.k_norm)
+            norms.update(q_norm=a.q_norm, k_norm=a.k_norm)
         k, v = getattr(c, "keys", None), getattr(c, "values", None)
         lin = {name: _projection(m) for name, m in parts.items()}  # decoder._linear(x, w, b, loras)
         if None in lin.values() or not all(_rms_norm(n) for n in norms.values()):
@@ -232,9 +232,7 @@ def _read(model, cache, n_cached: int) -> Layout | None:
         layers.append(
             Layer(
                 **{n: lin[n] for n in ("q", "k", "v", "o", "gate", "up", "down")},
-                **{n: rms.get(n) for n in ("ln1", "post_attn", "ln2", "post_mlp")},
-                q_norm=rms.get("qn"),
-                k_norm=rms.get("kn"),
+                **{n: rms.get(n) for n in ("ln1", "post_attn", "ln2", "post_mlp", "q_norm", "k_norm")},
                 window=window,
                 scale=a.scaling,
                 act=_act(mlp),

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reinforce_lm.decoder import lean_decoder
+from reinforce_lm.decoder import graphable, lean_decoder
 
 # row_seeds: the seeds `Sampler.sample` takes, imported from here by its callers
 from reinforce_lm.draws import _draw, _uniforms, filter_logits, row_seeds  # noqa: F401
@@ -255,8 +255,7 @@ class Sampler:
             out = model(input_ids=ids, **forward_kwargs(model, mask, keep=1, use_cache=True))
             cache, logits = _cache_of(out, ckw), out.logits[:, -1]  # [B, V]
         B, Lp, T, dev = logits.shape[0], mask.shape[1], self.max_new_tokens, ids.device
-        # static shapes only where they are captured into CUDA graphs: on the current CUDA device
-        static = self.cuda_graphs and dev.type == "cuda" and dev.index == torch.cuda.current_device()
+        static = self.cuda_graphs and graphable(dev)  # static shapes only where graphs capture them
         lean = lean_decoder(model, cache, Lp, T, static) if self.lean else None
         if lean is None:
             preallocate(cache, T)  # in-place KV writes, not a torch.cat of the whole cache per token
