@@ -31,6 +31,7 @@ from reinforce_lm.distributed import (
     saveable,
 )
 from reinforce_lm.errors import CheckpointError, TrainingError
+from reinforce_lm.host_memory import release_free_heap
 from reinforce_lm.lora import is_lora, lora_for_saving
 from reinforce_lm.metrics import MetricsLogger
 
@@ -247,6 +248,8 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
                         with no_sync_all(modules, skip=not last):
                             with amp():
                                 loss, m = stage.loss(micro, normalizer)
+                            if d.device.type == "cpu":  # the forward's freed memory: see host_memory
+                                release_free_heap()
                             # DDP averages gradients over processes, but the loss is already divided
                             # by the global count: scale back so the gradient is the global sum.
                             (loss * d.world_size).backward()

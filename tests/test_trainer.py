@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -1126,3 +1127,34 @@ def test_a_gap_that_appears_after_the_first_step_is_reported(task, tmp_path, mon
 
     monkeypatch.setattr(rollout.Sampler, "sample", later)
     assert len(_gap_warnings(config(task, tmp_path, steps=3))) == 1
+
+
+def test_the_heap_is_trimmed_before_every_cpu_backward(task, tmp_path, monkeypatch):
+    from reinforce_lm import trainer
+
+    calls = []
+    monkeypatch.setattr(trainer, "release_free_heap", lambda: calls.append(1) or True)
+    run_train(config(task, tmp_path, steps=2, micro_batch_size=5))  # 64 sequences: 13 micro-batches a step
+    assert len(calls) == 2 * 13
+
+
+_HEAP = """
+import ctypes, os, torch
+from reinforce_lm.host_memory import release_free_heap
+ctypes.CDLL(None).mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD: what glibc's own threshold becomes in a step
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+kept, freed = [], []
+for i in range(64):  # 2 MiB each, touched; every other one freed leaves holes below kept blocks
+    (kept if i % 2 else freed).append(torch.ones(512 * 1024))
+del freed
+before = rss()
+assert release_free_heap()
+print(before - rss())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim")
+def test_release_free_heap_gives_the_heaps_free_pages_back():
+    out = subprocess.run([sys.executable, "-c", _HEAP], capture_output=True, text=True, check=True)
+    assert float(out.stdout) > 40, out.stdout  # 64 MiB of holes; nothing kept is released
