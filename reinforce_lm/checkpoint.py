@@ -13,6 +13,7 @@ rotation: it may be a copy still in progress, so removing it is left to its owne
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -123,6 +124,25 @@ def as_loaded(tokenizer):
     return tok
 
 
+@contextlib.contextmanager
+def _quiet_save():
+    """transformers 5 draws a 'Writing model shards' progress bar in every `save_pretrained`: noise in a
+    run's log at every checkpoint, and on stderr after the run's own last line."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        was = hf_logging.is_progress_bar_enabled()
+    except (ImportError, AttributeError):
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
@@ -140,9 +160,10 @@ def save_checkpoint(
     final = out / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".tmp-checkpoint-{step}-"))
     try:
-        for name, model in models.items():
-            target = tmp if name == "policy" else tmp / name
-            model.save_pretrained(target, safe_serialization=True)
+        with _quiet_save():
+            for name, model in models.items():
+                target = tmp if name == "policy" else tmp / name
+                model.save_pretrained(target, safe_serialization=True)
         if tokenizer is not None:
             for where in [tmp] + [tmp / "adapter"] * ("adapter" in models):  # a LoRA adapter loads alone
                 as_loaded(tokenizer).save_pretrained(where)

@@ -20,6 +20,10 @@ _KIND = ("command", "algorithm", "lora_r", "model", "ref_model", "lr", "critic_l
 
 
 _PATHS = ("model", "ref_model")
+# Options a resumed run changes without a note: how long it runs, where and how often it saves, what it
+# prints. Any other change is noted (`changed_options`): the run goes on with it, but is not the run that
+# an uninterrupted one would have been (a new --dtype, --beta or sampling setting).
+_FREE = ("output_dir", "resume", "steps", "save_every", "keep_checkpoints", "progress", "resolved")
 
 
 def _resolved(options: dict) -> dict:
@@ -80,11 +84,38 @@ def check_same_kind(cfg, out: Path) -> None:
         )
 
 
+def changed_options(cfg, out: Path) -> list[str]:
+    """'key: value there, value now' for each option, other than the run's kind (`check_same_kind`) and
+    `_FREE`, that differs from the one `run_config.json` in `out` records (empty if there is none)."""
+    try:
+        saved = json.loads((out / "run_config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    now = json.loads(json.dumps(vars(cfg), default=str))  # as it was written: tuples as lists, paths as str
+
+    def norm(v):
+        if isinstance(v, str) and v and Path(v).expanduser().exists():  # `data/p.jsonl` or `/abs/data/...`
+            return str(Path(v).expanduser().resolve())
+        return v
+
+    if not isinstance(saved, dict):
+        return []
+    return [
+        f"{k}: {saved[k]} there, {v} now"
+        for k, v in now.items()
+        if k in saved and k not in _FREE and k not in _KIND and norm(saved[k]) != norm(v)
+    ]
+
+
 def write_run_config(cfg, d) -> None:
     """The run's options as `run_config.json` (not `config.json`: the output directory must not look like a
-    model directory, so that `--model OUT` resolves to its latest checkpoint)."""
+    model directory, so that `--model OUT` resolves to its latest checkpoint). A resumed run first notes
+    the options it changes."""
     if d.is_main:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        if cfg.resume and (changed := changed_options(cfg, Path(cfg.output_dir))):
+            print(f"note: --resume with options the run was not started with ({'; '.join(changed)}): it goes "
+                  "on with the new values")  # fmt: skip
         options = {**vars(cfg), "command": type(cfg).__name__, "resolved": _resolved(vars(cfg))}
         checkpoint.write_text_atomic(
             Path(cfg.output_dir) / "run_config.json", json.dumps(options, indent=2, default=str)

@@ -90,3 +90,15 @@ def test_checkpoint_modes_follow_the_umask(tmp_path, model_and_tokenizer, umask)
     assert {"model.safetensors", "config.json", checkpoint.STATE_FILE} <= {p.name for p in files}
     for p in files:
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p.name
+
+
+def test_a_save_draws_no_progress_bar_and_leaves_the_setting_as_it_was(tmp_path, model_and_tokenizer, capfd):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    save(tmp_path, 1, model_and_tokenizer)
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
+    model, _ = model_and_tokenizer
+    model.save_pretrained(tmp_path / "plain")  # transformers' own bar, which the test above would see
+    assert "Writing model shards" in capfd.readouterr().err

@@ -1158,3 +1158,17 @@ print(before - rss())
 def test_release_free_heap_gives_the_heaps_free_pages_back():
     out = subprocess.run([sys.executable, "-c", _HEAP], capture_output=True, text=True, check=True)
     assert float(out.stdout) > 40, out.stdout  # 64 MiB of holes; nothing kept is released
+
+
+def test_resume_notes_the_options_it_changes(task, tmp_path, capsys):
+    run_train(config(task, tmp_path, steps=2, micro_batch_size=16))
+    capsys.readouterr()
+    run_train(config(task, tmp_path, steps=3, micro_batch_size=16, resume=True))  # longer: nothing to note
+    assert "note: --resume" not in capsys.readouterr().out
+    run_train(config(task, tmp_path, steps=4, beta=0.05, temperature=0.7, resume=True))
+    out = capsys.readouterr().out
+    assert "note: --resume with options the run was not started with" in out
+    assert "beta: 0.0 there, 0.05 now" in out and "temperature: 1.0 there, 0.7 now" in out
+    assert (
+        "micro_batch_size: 16 there" in out and "steps" not in out.split("note: --resume")[1].split("\n")[0]
+    )
