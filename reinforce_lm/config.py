@@ -298,6 +298,11 @@ class TrainConfig(EngineConfig):
             allow_zero=True,
         )
         _fraction(self, "running_mean_decay")
+        if 0 < self.generation_batch_size < self.samples_per_prompt:
+            k = self.samples_per_prompt
+            warnings.warn(f"--generation-batch-size {self.generation_batch_size} is below "
+                          f"--samples-per-prompt {k}: each sampling call takes one whole group, {k} "
+                          "completions", stacklevel=3)  # fmt: skip
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:

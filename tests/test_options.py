@@ -84,8 +84,13 @@ def test_options_that_do_nothing_in_this_run_are_warned_about():
         TrainConfig(**base, lora_alpha=32.0, lora_target_modules="q_proj")
     with pytest.warns(UserWarning, match=r"--estimator grpo is for --algorithm reinforce"):
         TrainConfig(**base, algorithm="ppo", estimator="grpo")
+    with pytest.warns(
+        UserWarning, match=r"--generation-batch-size 2 is below --samples-per-prompt 4: .* one"
+    ):
+        TrainConfig(**base, generation_batch_size=2, samples_per_prompt=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TrainConfig(**base, lora_r=4, lora_alpha=32.0)
         TrainConfig(**base, algorithm="ppo")
         TrainConfig(**base, estimator="grpo")
+        TrainConfig(**base, generation_batch_size=4, samples_per_prompt=4)
