@@ -11,13 +11,15 @@ touches again.
 Measured on the 36M-parameter bench model (CPU, fp32, micro-batches of 8), four interleaved runs each: peak
 RSS 1050-1062 MiB -> 1007-1011 with activation checkpointing (1161-1189 -> 1113-1139 without), for about 2%
 more CPU time (the trim itself and the pages the backward faults in again). Not glibc (macOS, musl,
-Windows): nothing to do.
+Windows): nothing to do. The loop trims only after a forward that took `MIN_FORWARD_SECONDS` or more.
 """
 
 from __future__ import annotations
 
 import ctypes
 
+# A trim takes about 1 ms: worth it after a forward this long, not after a tiny model's micro-batch.
+MIN_FORWARD_SECONDS = 0.02
 _malloc_trim = None  # libc's malloc_trim once looked up, False where there is none
 
 

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from reinforce_lm import checkpoint
+from reinforce_lm import checkpoint, host_memory
 from reinforce_lm.config import EngineConfig
 from reinforce_lm.distributed import (
     Dist,
@@ -31,7 +31,6 @@ from reinforce_lm.distributed import (
     saveable,
 )
 from reinforce_lm.errors import CheckpointError, TrainingError
-from reinforce_lm.host_memory import release_free_heap
 from reinforce_lm.lora import is_lora, lora_for_saving
 from reinforce_lm.metrics import MetricsLogger
 
@@ -246,10 +245,12 @@ def fit(stage: Stage, cfg: EngineConfig, d: Dist, resume_from=None) -> dict:
                     for i, micro in enumerate(micros):
                         last = i == len(micros) - 1
                         with no_sync_all(modules, skip=not last):
+                            t_forward = time.perf_counter()
                             with amp():
                                 loss, m = stage.loss(micro, normalizer)
-                            if d.device.type == "cpu":  # the forward's freed memory: see host_memory
-                                release_free_heap()
+                            took = time.perf_counter() - t_forward
+                            if d.device.type == "cpu" and took >= host_memory.MIN_FORWARD_SECONDS:
+                                host_memory.release_free_heap()  # the forward's freed memory, to the OS
                             # DDP averages gradients over processes, but the loss is already divided
                             # by the global count: scale back so the gradient is the global sum.
                             (loss * d.world_size).backward()

@@ -1129,12 +1129,16 @@ def test_a_gap_that_appears_after_the_first_step_is_reported(task, tmp_path, mon
     assert len(_gap_warnings(config(task, tmp_path, steps=3))) == 1
 
 
-def test_the_heap_is_trimmed_before_every_cpu_backward(task, tmp_path, monkeypatch):
-    from reinforce_lm import trainer
+def test_the_heap_is_trimmed_before_a_cpu_backward_after_a_long_forward(task, tmp_path, monkeypatch):
+    from reinforce_lm import host_memory
 
     calls = []
-    monkeypatch.setattr(trainer, "release_free_heap", lambda: calls.append(1) or True)
-    run_train(config(task, tmp_path, steps=2, micro_batch_size=5))  # 64 sequences: 13 micro-batches a step
+    monkeypatch.setattr(host_memory, "release_free_heap", lambda: calls.append(1) or True)
+    monkeypatch.setattr(host_memory, "MIN_FORWARD_SECONDS", 1e9)
+    run_train(config(task, tmp_path / "a", steps=2, micro_batch_size=5))  # 64 sequences: 13 micro-batches
+    assert calls == []
+    monkeypatch.setattr(host_memory, "MIN_FORWARD_SECONDS", 0.0)
+    run_train(config(task, tmp_path / "b", steps=2, micro_batch_size=5))
     assert len(calls) == 2 * 13
 
 
