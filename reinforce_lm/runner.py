@@ -55,6 +55,15 @@ def prepare_output(cfg) -> Path | None:
                 f"--output-dir {out} is the {flag} directory: its checkpoints would make {flag} mean the "
                 "run's latest checkpoint instead of that model (on --resume too); choose another --output-dir"
             )
+        try:  # a run directory as the model means its latest checkpoint: that one is an input too
+            model_dir = Path(resolve_model_path(path)).resolve() if path else None
+        except ConfigError:  # not a model (yet): loading it reports that
+            model_dir = None
+        if model_dir and out.resolve() == model_dir:
+            raise ConfigError(
+                f"--output-dir {out} is {flag} {path}'s latest checkpoint, the model it loads: its own "
+                f"checkpoints would make {flag} mean this run's latest one; choose another --output-dir"
+            )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{socket.gethostname()}-{os.getpid()}"  # ranks may share storage

@@ -541,6 +541,12 @@ def test_no_input_model_directory_is_an_output_directory(task, tmp_path):
         with pytest.raises(ConfigError, match=f"is the {flag} directory"):
             run_train(config(task, Path(other + "/./"), **kw))
     assert not (task / "other" / "run_config.json").exists()
+    # A run directory as --model means its latest checkpoint: writing into that checkpoint (or below it)
+    # would make the checkpoint a run directory, and --model that checkpoint the new run's latest one
+    run_train(config(task, tmp_path / "sft", steps=1))
+    with pytest.raises(ConfigError, match=r"checkpoint-1 is --model .*sft's latest checkpoint"):
+        run_train(config(task, tmp_path / "sft" / "checkpoint-1", model=str(tmp_path / "sft")))
+    assert not (tmp_path / "sft" / "checkpoint-1" / "run_config.json").exists()
     with pytest.raises(ConfigError, match="output_dir is empty"):
         config(task, tmp_path, output_dir=" ")
 
