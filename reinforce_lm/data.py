@@ -8,10 +8,12 @@ and the column at fault. Warnings about truncated or skipped rows name the rows 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import random
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -102,6 +104,41 @@ def text_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=not writes_bos(tokenizer, text))["input_ids"]
 
 
+_APPENDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> ids it appends
+
+
+def appended_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts after a text (an EOS with `add_eos_token`, BERT's [SEP]);
+    most causal-LM tokenizers put none."""
+    try:
+        return _APPENDED[tokenizer]
+    except (KeyError, TypeError):  # TypeError: a tokenizer that takes no weak reference
+        pass
+    probe = "reinforce lm probe"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    found = next(
+        (
+            full[i + len(plain) :]
+            for i in range(len(full) - len(plain) + 1)
+            if full[i : i + len(plain)] == plain
+        ),
+        [],
+    )
+    with contextlib.suppress(TypeError):
+        _APPENDED[tokenizer] = found
+    return found
+
+
+def without_appended(tokenizer, ids: list[int]) -> list[int]:
+    """`ids` of a prompt or an SFT example without the special tokens the tokenizer appends: a prompt
+    that ended in EOS would teach the policy to go on after its own EOS, and an SFT example would train
+    on `prompt <eos> completion <eos>`. (A reward model keeps them: it was trained on its tokenizer's
+    output, and scores it.)"""
+    tail = appended_ids(tokenizer)
+    return ids[: len(ids) - len(tail)] if tail and ids[len(ids) - len(tail) :] == tail else ids
+
+
 def end_of_turn_id(tokenizer) -> int | None:
     """The special token the chat template writes right after an assistant's message (ChatML's
     <|im_end|>, Gemma's <end_of_turn>, Llama 3's <|eot_id|>), or None: no template, no special token
@@ -182,8 +219,7 @@ def load_prompts(
         texts.append(text)
         keys.update(dict.fromkeys(k for k in row if k not in (prompt_column, messages_column)))
     columns = {k: [row.get(k) for row in rows] for k in keys}
-    if any(c is not None for c in chats):
-        columns[messages_column] = chats
+    columns[messages_column] = chats  # all None in a file of text prompts: one reward fits both kinds
     templated = [c is not None for c in chats]
     return PromptData(texts=texts, columns=columns, sources=list(rows.sources), templated=templated)
 
@@ -199,12 +235,12 @@ def _text_sft(tokenizer, where: str, row: dict) -> tuple[list[int], list[int]]:
             raise DataError(f"{where}: column {key!r} must be text, got {type(row[key]).__name__}")
     if not row["completion"].strip():
         raise DataError(f"{where}: empty completion")
-    prompt_ids = text_ids(tokenizer, row["prompt"])
+    prompt_ids = without_appended(tokenizer, text_ids(tokenizer, row["prompt"]))
     # The completion as the continuation of the prompt: tokenized alone, a SentencePiece tokenizer would
     # prepend a space ("A:" + "4" trained as "A: 4"). Where the tokens merge across the join (a prompt
     # ending in a space), the prompt keeps its own ids, as RL samples after them, and the completion
     # is tokenized alone.
-    full = text_ids(tokenizer, row["prompt"] + row["completion"])
+    full = without_appended(tokenizer, text_ids(tokenizer, row["prompt"] + row["completion"]))
     if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
         completion_ids = full[len(prompt_ids) :]
     else:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from reinforce_lm.data import keep_last, writes_bos
+from reinforce_lm.data import keep_last, without_appended, writes_bos
 from reinforce_lm.errors import DataError
 from reinforce_lm.models import embedding_rows
 
@@ -16,7 +16,8 @@ def encode_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Left-padded prompt ids [P, Lp], their mask, and whether any prompt was cut.
 
-    A plain prompt gets the tokenizer's special tokens (its BOS), once; one rendered by a chat template
+    A plain prompt gets the special tokens the tokenizer puts before a text (its BOS), once, and not
+    those it appends (an EOS: `data.without_appended`); one rendered by a chat template
     (`templated[i]`) gets none, as SFT and `apply_chat_template(tokenize=True)` tokenize it: the
     template writes what it wants. A prompt longer than `max_length` keeps its last tokens, and its BOS
     (also one a template wrote).
@@ -33,7 +34,7 @@ def encode_prompts(
         if which:
             ids = tok([prompts[i] for i in which], add_special_tokens=special)["input_ids"]
             for i, r in zip(which, ids, strict=True):
-                rows[i] = r
+                rows[i] = without_appended(tok, r) if special else r  # its BOS, not an appended EOS
     cut = any(len(r) > max_length for r in rows)
     rows = [keep_last(r, max_length, tok.bos_token_id) for r in rows]
     empty = next((i for i, r in enumerate(rows) if not r), None)

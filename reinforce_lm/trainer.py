@@ -106,7 +106,7 @@ class GracefulInterrupt:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, on_error=None):
-        self.requested = False
+        self.requested = self.aborted = False
         self.on_error = on_error
         self.previous: dict = {}
 
@@ -126,6 +126,7 @@ class GracefulInterrupt:
             os.kill(os.getpid(), signum)
             return
         if self.requested:
+            self.aborted = True
             raise KeyboardInterrupt
         self.requested = True
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
@@ -133,8 +134,10 @@ class GracefulInterrupt:
 
     def __exit__(self, exc_type, exc, tb):
         # The save after an error runs with these handlers still in place: a first signal there waits
-        # for it (a default handler would cut it short and lose the state it saves).
-        if exc_type is not None and issubclass(exc_type, Exception) and self.on_error is not None:
+        # for it (a default handler would cut it short and lose the state it saves). A KeyboardInterrupt
+        # that is not the second signal's abort (one raised in a reward function or its worker) saves too.
+        foreign = exc_type is not None and issubclass(exc_type, KeyboardInterrupt) and not self.aborted
+        if exc_type is not None and (issubclass(exc_type, Exception) or foreign) and self.on_error:
             try:
                 self.on_error(exc)
             except Exception as err:  # the original error matters more than this one

@@ -200,7 +200,7 @@ def test_load_prompts_custom_column(tmp_path, tokenizer):
     data = load_prompts(
         write_jsonl(tmp_path / "p.jsonl", [{"q": "a?", "k": 1}]), tokenizer, prompt_column="q"
     )
-    assert data.texts == ["a?"] and data.columns == {"k": [1]}
+    assert data.texts == ["a?"] and data.columns == {"k": [1], "messages": [None]}
 
 
 @pytest.mark.parametrize(
@@ -408,3 +408,21 @@ def test_moved_names_still_import_from_their_old_modules():
     assert models.apply_lora is lora.apply_lora and models.RefViaDisabledAdapter is lora.RefViaDisabledAdapter
     with pytest.raises(AttributeError, match="no attribute 'load_prefs'"):
         data.load_prefs  # noqa: B018
+
+
+def test_text_prompts_pass_messages_as_none(tmp_path):
+    """The README's promise: `messages` reaches reward functions for every prompt, None for a text one,
+    so one reward function (`def r(prompts, completions, messages, **kw)`) fits both kinds of file."""
+    from reinforce_lm.rewards import build_rewards
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ab?", "answer": 1}, {"prompt": "c?", "answer": 2}])
+    data = load_prompts(path, toy.make_tokenizer())
+    assert data.columns == {"answer": [1, 2], "messages": [None, None]}
+
+    def r(prompts, completions, messages):
+        return [float(m is None) for m in messages]
+
+    rewards = build_rewards([r], [])
+    rewards.check(data.columns)
+    total, _ = rewards(data.texts, ["x", "y"], columns=data.columns)
+    assert total.tolist() == [1.0, 1.0]

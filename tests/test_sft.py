@@ -259,3 +259,27 @@ def test_a_tokenizer_without_eos_is_warned_about(tmp_path, llama_dir):
         UserWarning, match="d.jsonl: the tokenizer has no EOS token, so its 1 prompt/completion"
     ):
         load_sft_splits(cfg, tok)
+
+
+def test_a_tokenizer_that_appends_eos_puts_none_after_prompts(tmp_path):
+    """A tokenizer with `<bos> $A <eos>` (add_eos_token): RL prompts and SFT prompts keep the BOS and lose
+    the EOS, so the policy never learns to go on after its own EOS; SFT trains on prompt, completion,
+    one EOS."""
+    from tokenizers import processors
+
+    from reinforce_lm.data import load_sft
+    from reinforce_lm.rollout import Sampler
+
+    tok = toy.make_tokenizer()
+    bos, bos_id, eos, eos_id = tok.bos_token, tok.bos_token_id, tok.eos_token, tok.eos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, bos_id), (eos, eos_id)]
+    )
+    assert tok("c?")["input_ids"][-1] == eos_id  # what the tokenizer itself does
+    ids, mask = Sampler(tok, max_new_tokens=2).encode(["c?", "ab?"], "cpu")
+    for row, m in zip(ids, mask, strict=True):
+        kept = row[m.bool()].tolist()
+        assert kept[0] == bos_id and eos_id not in kept
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "c?", "completion": "cc"}])
+    (ex,) = load_sft(path, tok, max_length=64)
+    assert ex["input_ids"] == [bos_id, *tok("c?cc", add_special_tokens=False)["input_ids"], eos_id]

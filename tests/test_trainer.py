@@ -265,6 +265,20 @@ def test_an_error_mid_run_saves_the_last_finished_step_and_resume_is_exact(task,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_keyboard_interrupt_raised_in_a_reward_saves_the_last_finished_step(task, tmp_path, capsys):
+    """Not the loop's own abort (a second Ctrl-C): a KeyboardInterrupt from a reward function (its worker
+    pool's) lost every finished step."""
+    (tmp_path / "r.py").write_text(
+        "from reinforce_lm.toy import letter_reward\nn = 0\n\ndef r(prompts, completions, **kw):\n"
+        "    global n\n    n += 1\n    if n == 3:\n        raise KeyboardInterrupt\n"
+        "    return letter_reward(prompts, completions, **kw)\n"
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config(task, tmp_path / "out", steps=4, reward=[f"{tmp_path / 'r.py'}:r"]))
+    assert "the state after step 2 is saved" in capsys.readouterr().err
+    assert checkpoint.latest_checkpoint(tmp_path / "out").name == "checkpoint-2"
+
+
 def test_an_error_in_the_evaluation_saves_the_step_it_follows(task, tmp_path, capsys):
     """The evaluation runs after the step's update: a reward that raises there (once) leaves the state
     after that step on disk, and --resume ends where an unbroken run ends."""
