@@ -8,6 +8,7 @@ import difflib
 import importlib
 import os
 import sys
+import warnings
 
 from reinforce_lm.config import EvalConfig, TrainConfig
 from reinforce_lm.errors import ReinforceLMError
@@ -110,7 +111,29 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     return args
 
 
+_shown: set[str] = set()
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line for a person at a terminal, not the library's file, line and source; once
+    (a config checked where it is read and again where a stage settles its defaults warns twice)."""
+    text = f"warning: {message}\n"
+    if text in _shown:
+        return ""
+    _shown.add(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
+    _shown.clear()
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _format_warning
+    try:
+        _main(argv)
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         _load_stage_commands()  # imports torch and transformers: the first seconds of every command
     except KeyboardInterrupt:

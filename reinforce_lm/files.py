@@ -109,7 +109,9 @@ def _read_jsonl(path: Path):
         try:
             row = _loads(line, f"{path}:{lineno}")
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+            raise DataError(
+                f"{path}:{lineno}: invalid JSON ({err.msg.removesuffix(' at')} at column {err.colno})"
+            ) from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
         _no_lone_surrogates(line, row, f"{path}:{lineno}")
@@ -125,7 +127,7 @@ def _read_json(path: Path):
     except json.JSONDecodeError as err:
         hint = " (one object per line? name the file .jsonl)" if err.msg == "Extra data" else ""
         raise DataError(
-            f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno}){hint}"
+            f"{path}:{err.lineno}: invalid JSON ({err.msg.removesuffix(' at')} at column {err.colno}){hint}"
         ) from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")

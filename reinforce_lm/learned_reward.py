@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .data import _pad, conversation_ids, keep_last, text_ids
-from .errors import RewardError
+from .errors import ReinforceLMError, RewardError
 
 
 class RewardModel:
@@ -48,7 +48,8 @@ class RewardModel:
                 **({} if dtype is None else {"dtype": dtype}),  # None: the saved dtype
             )
         except Exception as err:
-            raise RewardError(f"reward model {path}: cannot load: {type(err).__name__}: {err}") from err
+            why = str(err) if isinstance(err, ReinforceLMError) else f"{type(err).__name__}: {err}"
+            raise RewardError(f"reward model {path}: cannot load: {why}") from err
         saved = saved_architectures(self.model.config)
         if saved and all("CausalLM" in a or "LMHead" in a for a in saved):  # its score head: random
             raise RewardError(

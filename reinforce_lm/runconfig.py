@@ -56,6 +56,11 @@ def _same(key: str, was: dict, now: dict, saved: dict, cfg) -> bool:
     return bool(then.get(key)) and then.get(key) == _resolved(vars(cfg))[key]
 
 
+def _shown(value):
+    """An option as a user gives it: an empty one (no --ref-model) is none."""
+    return "none" if value in (None, "") else value
+
+
 def check_same_kind(cfg, out: Path) -> None:
     """A resumed run must be the same kind of run (command, algorithm, LoRA or not) as the one saved."""
     saved_file = out / "run_config.json"
@@ -73,7 +78,8 @@ def check_same_kind(cfg, out: Path) -> None:
     now = _kind({**vars(cfg), "command": type(cfg).__name__})
     was = _kind(saved)
     diff = [
-        f"{k}: {was[k]} there, {now[k]} now"
+        f"{k}: {_shown(was[k] if k == 'command' else saved[k])} there, "
+        f"{_shown(now[k] if k == 'command' else getattr(cfg, k, None))} now"
         for k in _KIND
         if k in saved and not _same(k, was, now, saved, cfg) and (k not in _LORA or was["lora_r"])
     ]
@@ -107,16 +113,18 @@ def changed_options(cfg, out: Path) -> list[str]:
     ]
 
 
-def write_run_config(cfg, d) -> None:
-    """The run's options as `run_config.json` (not `config.json`: the output directory must not look like a
-    model directory, so that `--model OUT` resolves to its latest checkpoint). A resumed run first notes
-    the options it changes."""
-    if d.is_main:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        if cfg.resume and (changed := changed_options(cfg, Path(cfg.output_dir))):
+def write_run_config(cfg, d, resumed: bool = False) -> None:
+    """The options a run was started with, as `run_config.json` (not `config.json`: the output directory
+    must not look like a model directory, so that `--model OUT` resolves to its latest checkpoint). A
+    resumed run keeps that record, and notes the options it changes."""
+    if not d.is_main:
+        return
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if resumed and (out / "run_config.json").is_file():
+        if changed := changed_options(cfg, out):
             print(f"note: --resume with options the run was not started with ({'; '.join(changed)}): it goes "
                   "on with the new values")  # fmt: skip
-        options = {**vars(cfg), "command": type(cfg).__name__, "resolved": _resolved(vars(cfg))}
-        checkpoint.write_text_atomic(
-            Path(cfg.output_dir) / "run_config.json", json.dumps(options, indent=2, default=str)
-        )
+        return
+    options = {**vars(cfg), "command": type(cfg).__name__, "resolved": _resolved(vars(cfg))}
+    checkpoint.write_text_atomic(out / "run_config.json", json.dumps(options, indent=2, default=str))

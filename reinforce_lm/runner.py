@@ -312,7 +312,9 @@ def run_stage(cfg, build, use_as: str = "--model") -> int:
                     Path(cfg.output_dir).rmdir()
             raise
         cfg = getattr(stage, "cfg", cfg)  # a stage may settle defaults that depend on its data
-        write_run_config(cfg, d)
+        write_run_config(cfg, d, resumed=resume is not None)
+        if d.is_main and resume is not None:
+            print(f"resuming from {resume}, towards step {cfg.steps}")
         if d.is_main and cfg.warmup_steps >= cfg.steps and resume is None:
             print(f"note: --warmup-steps {cfg.warmup_steps} is not below --steps {cfg.steps}: the learning "
                   f"rate never reaches --lr {cfg.lr:g} in this run")  # fmt: skip
@@ -326,7 +328,9 @@ def run_stage(cfg, build, use_as: str = "--model") -> int:
             raise
         if d.is_main:
             what = "interrupted; checkpoint" if result["interrupted"] else "done; model"
-            print(f"{what} at {result['checkpoint']} (step {result['step']}); pass {use_as} {cfg.output_dir}")
+            again = ", or --resume to continue the run" if result["interrupted"] else ""
+            print(f"{what} at {result['checkpoint']} (step {result['step']}); pass {use_as} {cfg.output_dir}"
+                  f"{again}")  # fmt: skip
         return 130 if result["interrupted"] else 0
     finally:
         distributed.teardown(clean=sys.exc_info()[0] is None)

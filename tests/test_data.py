@@ -426,3 +426,12 @@ def test_text_prompts_pass_messages_as_none(tmp_path):
     rewards.check(data.columns)
     total, _ = rewards(data.texts, ["x", "y"], columns=data.columns)
     assert total.tolist() == [1.0, 1.0]
+
+
+def test_an_unterminated_json_string_is_reported_once_with_its_column(tmp_path, tokenizer):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a?"}\n{"prompt": "b?}\n')
+    with pytest.raises(
+        DataError, match=r"p\.jsonl:2: invalid JSON \(Unterminated string starting at column 12\)"
+    ):
+        load_prompts(path, tokenizer)

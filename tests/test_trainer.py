@@ -438,7 +438,7 @@ def test_resume_checks_the_run_and_stops_when_it_is_done(task, tmp_path, capsys)
     assert (tmp_path / "run_config.json").read_text() == saved  # still describes the model there
     for kw, diff in [
         (dict(algorithm="ppo"), "algorithm: reinforce there, ppo now"),
-        (dict(lora_r=4), "lora_r: None there, 4 now"),
+        (dict(lora_r=4), "lora_r: 0 there, 4 now"),
         (dict(model=str(task / "other")), "model: .*model there, .*other now"),  # another reference
         (dict(lr=1e-3), "lr: 0.01 there, 0.001 now"),  # the schedule resumes from the checkpoint
     ]:
@@ -454,7 +454,7 @@ def test_resume_of_a_lora_run_refuses_other_adapter_options(task, tmp_path):
     for kw, diff in [
         (dict(lora_alpha=4.0), "lora_alpha: 16.0 there, 4.0 now"),
         (dict(lora_target_modules="q_proj"), "lora_target_modules: all-linear there, q_proj now"),
-        (dict(lora_dropout=0.1), "lora_dropout: None there, 0.1 now"),
+        (dict(lora_dropout=0.1), "lora_dropout: 0.0 there, 0.1 now"),
     ]:
         with pytest.raises(ConfigError, match=f"was started with other options .{diff}"):
             run_train(config(task, tmp_path, steps=2, resume=True, lora_r=4, **kw))
@@ -1196,3 +1196,14 @@ def test_resume_notes_the_options_it_changes(task, tmp_path, capsys):
     assert (
         "micro_batch_size: 16 there" in out and "steps" not in out.split("note: --resume")[1].split("\n")[0]
     )
+    # The record stays the one the run was started with, which the next resume compares with again
+    assert json.loads((tmp_path / "run_config.json").read_text())["beta"] == 0.0
+    run_train(config(task, tmp_path, steps=5, beta=0.05, temperature=0.7, resume=True))
+    assert "beta: 0.0 there, 0.05 now" in capsys.readouterr().out
+
+
+def test_the_cli_prints_a_warning_as_one_line_once(task, tmp_path):
+    cmd = [sys.executable, "-m", "reinforce_lm", *args(task, tmp_path), "--lora-alpha", "8"]
+    err = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    line = "warning: --lora-alpha without --lora-r: LoRA is off, and every weight trains\n"
+    assert err.count(line) == 1 and "UserWarning" not in err, err
