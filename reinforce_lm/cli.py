@@ -99,14 +99,20 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     if unknown:
         command = getattr(parser, "commands", {}).get(args.command, parser)
         flags = [f for a in command._actions for f in a.option_strings if f.startswith("--")]
+        others = {
+            name: {f for a in sub._actions for f in a.option_strings}
+            for name, sub in getattr(parser, "commands", {}).items()
+            if name != args.command
+        }
         hints = []
         for u in unknown:
             flag = u.split("=", 1)[0]
-            if flag.startswith("--") and (near := difflib.get_close_matches(flag, flags, n=1)):
-                hints.append(f"{near[0]} for {flag}")
+            if owners := [name for name, fl in others.items() if flag in fl]:  # e.g. eval --no-progress
+                hints.append(f"{flag} is an option of {', '.join(owners)}, not of {args.command}")
+            elif flag.startswith("--") and (near := difflib.get_close_matches(flag, flags, n=1)):
+                hints.append(f"did you mean {near[0]} for {flag}?")
         command.error(
-            f"unrecognized arguments: {' '.join(unknown)}"
-            + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+            f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
         )
     return args
 

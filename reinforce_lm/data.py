@@ -41,6 +41,8 @@ def _missing(where: str, wanted: str | list[str], row: dict, option: str = "") -
         else ""
     )
     listed = " or ".join(map(repr, names))
+    if len(row) == 1 and (sep := next((c for c in ";\t|" if c in str(next(iter(row)))), None)):
+        hint = f"; is the file separated by {sep!r}? A CSV file's columns are separated by commas"
     return DataError(f"{where}: no {listed} column; this row has {sorted(map(str, row))}{hint}")
 
 

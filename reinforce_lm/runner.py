@@ -296,6 +296,9 @@ def run_stage(cfg, build, use_as: str = "--model") -> int:
     d = distributed.setup(cfg.device)
     try:
         seed_everything(cfg.seed)
+        if getattr(cfg, "fsdp", False) and not d.enabled:
+            print("note: --fsdp shards over torchrun's processes; this is one process, which trains the "
+                  "whole model")  # fmt: skip
         fresh = not Path(cfg.output_dir).exists()
         resume = prepare_output(cfg)
         done = checkpoint.step_of(resume) if resume is not None else 0

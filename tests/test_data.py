@@ -435,3 +435,10 @@ def test_an_unterminated_json_string_is_reported_once_with_its_column(tmp_path, 
         DataError, match=r"p\.jsonl:2: invalid JSON \(Unterminated string starting at column 12\)"
     ):
         load_prompts(path, tokenizer)
+
+
+def test_a_csv_separated_by_semicolons_is_named_as_such(tmp_path, tokenizer):
+    path = tmp_path / "p.csv"
+    path.write_text("prompt;answer\na?;aa\n")
+    with pytest.raises(DataError, match=r"p\.csv:2: no 'prompt' .* separated by ';'\? A CSV file's columns"):
+        load_prompts(path, tokenizer)

@@ -819,6 +819,7 @@ def test_unknown_config_key_suggests_the_nearest(task, tmp_path, capsys):
         (["sft", "--max-lenght=64"], "(did you mean --max-length for --max-lenght?)"),
         (["demo", "--sed", "3"], "(did you mean --seed for --sed?)"),
         (["eval", "--zzzz"], "unrecognized arguments: --zzzz\n"),
+        (["eval", "--no-progress"], "(--no-progress is an option of train, sft, reward, not of eval)"),
     ],
 )
 def test_an_unknown_flag_names_the_nearest_one(argv, said, capsys):
@@ -1207,3 +1208,8 @@ def test_the_cli_prints_a_warning_as_one_line_once(task, tmp_path):
     err = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
     line = "warning: --lora-alpha without --lora-r: LoRA is off, and every weight trains\n"
     assert err.count(line) == 1 and "UserWarning" not in err, err
+
+
+def test_fsdp_on_one_process_says_it_trains_the_whole_model(task, tmp_path, capsys):
+    assert run_train(config(task, tmp_path, steps=1, fsdp=True)) == 0
+    assert "note: --fsdp shards over torchrun's processes; this is one process" in capsys.readouterr().out
