@@ -125,9 +125,10 @@ def as_loaded(tokenizer):
 
 
 @contextlib.contextmanager
-def _quiet_save():
-    """transformers 5 draws a 'Writing model shards' progress bar in every `save_pretrained`: noise in a
-    run's log at every checkpoint, and on stderr after the run's own last line."""
+def quiet_hf_progress():
+    """No transformers progress bars inside (then as before). transformers 5 draws a 'Writing model
+    shards' bar in every `save_pretrained` (noise in a run's log at every checkpoint, printed after the
+    run's own last line) and a 'Loading weights' one in every `from_pretrained`."""
     try:
         from transformers.utils import logging as hf_logging
 
@@ -160,7 +161,7 @@ def save_checkpoint(
     final = out / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".tmp-checkpoint-{step}-"))
     try:
-        with _quiet_save():
+        with quiet_hf_progress():
             for name, model in models.items():
                 target = tmp if name == "policy" else tmp / name
                 model.save_pretrained(target, safe_serialization=True)

@@ -294,7 +294,10 @@ def run_stage(cfg, build, use_as: str = "--model") -> int:
     """The life of every run: processes, seed, resume, `build(cfg, d, resume) -> stage`, a step-0
     evaluation, the one loop, and the closing line. Returns the exit code (130 when interrupted)."""
     d = distributed.setup(cfg.device)
+    hf_bars = contextlib.ExitStack()
     try:
+        if not cfg.progress:  # no transformers bars either (from Python: the CLI turns them all off)
+            hf_bars.enter_context(checkpoint.quiet_hf_progress())
         seed_everything(cfg.seed)
         if getattr(cfg, "fsdp", False) and not d.enabled:
             print("note: --fsdp shards over torchrun's processes; this is one process, which trains the "
@@ -336,6 +339,7 @@ def run_stage(cfg, build, use_as: str = "--model") -> int:
                   f"{again}")  # fmt: skip
         return 130 if result["interrupted"] else 0
     finally:
+        hf_bars.close()
         distributed.teardown(clean=sys.exc_info()[0] is None)
 
 

@@ -1213,3 +1213,13 @@ def test_the_cli_prints_a_warning_as_one_line_once(task, tmp_path):
 def test_fsdp_on_one_process_says_it_trains_the_whole_model(task, tmp_path, capsys):
     assert run_train(config(task, tmp_path, steps=1, fsdp=True)) == 0
     assert "note: --fsdp shards over torchrun's processes; this is one process" in capsys.readouterr().out
+
+
+def test_progress_off_from_python_draws_no_transformers_bars(task, tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    run_train(config(task, tmp_path, steps=1))  # progress=False
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err, err
+    assert hf_logging.is_progress_bar_enabled()  # as it was
