@@ -378,7 +378,10 @@ def run_eval(cfg) -> int:
             weights = f" x {cfg.reward_weights}" if cfg.reward_weights else ""
             print(f"mean reward over {cfg.prompts} of {cfg.model} ({', '.join(names)}{weights}): {mean:.4f}")
             for prompt, completion, score in rows[: cfg.show]:
-                print(f"  [{score:+.3f}] {prompt!r} -> {completion!r}")
+                end = (
+                    prompt if len(prompt) <= 200 else "..." + prompt[-200:]
+                )  # its end leads to the completion
+                print(f"  [{score:+.3f}] {end!r} -> {completion!r}")
         return 0
     finally:
         distributed.teardown(clean=sys.exc_info()[0] is None)

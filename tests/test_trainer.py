@@ -1223,3 +1223,15 @@ def test_progress_off_from_python_draws_no_transformers_bars(task, tmp_path, cap
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "Writing model shards" not in err, err
     assert hf_logging.is_progress_bar_enabled()  # as it was
+
+
+def test_eval_shows_the_end_of_a_long_prompt(task, tmp_path, capsys):
+    from reinforce_lm.config import EvalConfig
+    from reinforce_lm.runner import run_eval
+
+    long = "ab " * 400 + "c?"
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": long, "letter": "c"}])
+    cfg = EvalConfig(model=str(task / "model"), prompts=str(tmp_path / "p.jsonl"), reward=[REWARD])
+    assert run_eval(dataclasses.replace(cfg, max_new_tokens=2, show=1)) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  [")]
+    assert "'...ab ab" in line and "c?' -> " in line and len(line) < 300, line
