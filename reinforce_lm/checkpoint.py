@@ -241,4 +241,17 @@ def load_state(path: str | Path) -> dict:
     try:
         return torch.load(file, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise CheckpointError(f"{file}: cannot read trainer state: {e}") from None
+        raise CheckpointError(f"{file}: cannot read trainer state: {e}{earlier_checkpoint(path)}") from None
+
+
+def earlier_checkpoint(path: str | Path) -> str:
+    """For a checkpoint that cannot be read, how to go on from the complete one before it in its run
+    (empty if there is none, or `path` is not a run's checkpoint)."""
+    path = Path(path)
+    if not _NAME.match(path.name):
+        return ""
+    before = [p for p in list_checkpoints(path.parent) if p.name != path.name]
+    if not before:
+        return ""
+    return (f". The run has an earlier checkpoint, {before[-1].name}: move {path.name} out of "
+            f"{path.parent} to resume from that one")  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from reinforce_lm.checkpoint import AS_LOADED, STATE_FILE, latest_checkpoint
+from reinforce_lm.checkpoint import AS_LOADED, STATE_FILE, earlier_checkpoint, latest_checkpoint
 from reinforce_lm.errors import ConfigError
 from reinforce_lm.lora import RefViaDisabledAdapter, apply_lora, is_lora, lora_for_saving  # noqa: F401 (moved)
 
@@ -155,7 +155,9 @@ def load_causal_lm(path: str, dtype: str = "float32", device: torch.device | str
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=DTYPES[dtype])
     except load_errors() as e:
-        raise ConfigError(f"cannot load a causal LM from {resolved!r}: {e}") from None
+        raise ConfigError(
+            f"cannot load a causal LM from {resolved!r}: {e}{earlier_checkpoint(resolved)}"
+        ) from None
     saved = saved_architectures(model.config)
     if saved and all(a.endswith(NOT_LM_HEADS) for a in saved):  # the LM head would be random, silently
         raise ConfigError(

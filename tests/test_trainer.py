@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from reinforce_lm import checkpoint, cli, distributed, toy
 from reinforce_lm.config import TrainConfig
-from reinforce_lm.errors import ConfigError, DataError, RewardError, TrainingError
+from reinforce_lm.errors import CheckpointError, ConfigError, DataError, RewardError, TrainingError
 from reinforce_lm.files import write_jsonl
 from reinforce_lm.metrics import read_metrics
 from reinforce_lm.models import resolve_model_path
@@ -1236,3 +1236,16 @@ def test_eval_shows_the_end_of_a_long_prompt(task, tmp_path, capsys):
         assert run_eval(dataclasses.replace(cfg, max_new_tokens=2, show=1)) == 0
     (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  [")]
     assert "'...ab ab" in line and "c?' -> " in line and len(line) < 300, line
+
+
+def test_a_broken_latest_checkpoint_names_the_earlier_one(task, tmp_path):
+    run_train(config(task, tmp_path, steps=2, save_every=1))
+    (tmp_path / "checkpoint-2" / checkpoint.STATE_FILE).write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match="earlier checkpoint, checkpoint-1: move checkpoint-2 out of"):
+        run_train(config(task, tmp_path, steps=3, resume=True))
+    (tmp_path / "checkpoint-2").rename(tmp_path.parent / f"{tmp_path.name}-broken")
+    assert run_train(config(task, tmp_path, steps=3, resume=True)) == 0  # `latest` falls back to step 1
+    assert checkpoint.load_state(tmp_path / "checkpoint-3")["step"] == 3
+    (tmp_path / "checkpoint-3" / "model.safetensors").write_bytes(b"garbage")  # broken weights: the same
+    with pytest.raises(ConfigError, match="earlier checkpoint, checkpoint-1: move checkpoint-3 out of"):
+        run_train(config(task, tmp_path, steps=4, resume=True))
