@@ -8,10 +8,11 @@ the backward pass starts with holes of touched memory that it reuses only in par
 the free pages inside the heap back (madvise), so the backward's peak counts what is in use plus what it
 touches again.
 
-Measured on the 36M-parameter bench model (CPU, fp32, micro-batches of 8), four interleaved runs each: peak
-RSS 1050-1062 MiB -> 1007-1011 with activation checkpointing (1161-1189 -> 1113-1139 without), for about 2%
-more CPU time (the trim itself and the pages the backward faults in again). Not glibc (macOS, musl,
-Windows): nothing to do. The loop trims only after a forward that took `MIN_FORWARD_SECONDS` or more.
+Measured on the 36M-parameter bench model (CPU, fp32, micro-batches of 8; `bench/heap.py`, four fresh
+processes each): peak RSS 1049-1054 MiB -> 1008-1015 with activation checkpointing (1154-1172 -> 1107-1122
+without), for 0-2% more CPU time (the trim itself and the pages the backward faults in again). Not glibc
+(macOS, musl, Windows): nothing to do. The loop trims only after a forward that took `MIN_FORWARD_SECONDS`
+or more.
 """
 
 from __future__ import annotations
