@@ -56,13 +56,17 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def parse_config(cls, args: argparse.Namespace):
-    values = {}
+    values, at = {}, {}
     where = "command line"
     if getattr(args, "config", None):
-        values.update(load_yaml(args.config))
+        data = load_yaml(args.config)
+        values.update(data)
+        at = {k: f"{args.config}:{n}" for k, n in data.lines.items()}
         where = f"{args.config} / command line"
-    values.update({k: v for k, v in vars(args).items() if k not in ("config", "command")})
-    return build_config(cls, values, where)
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "command")}
+    values.update(flags)
+    at = {k: v for k, v in at.items() if k not in flags}  # a flag's value is the command line's
+    return build_config(cls, values, where, at)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -76,18 +76,26 @@ def _home(value: str) -> str:
     return str(Path(value).expanduser()) if value.startswith("~/") or value == "~" else value
 
 
-def build_config(cls, values: dict[str, Any], where: str = "config"):
-    """Make `cls` from a flat dict of values (YAML and/or flags), with typed coercion and checks."""
+def build_config(cls, values: dict[str, Any], where: str = "config", at: dict[str, str] | None = None):
+    """Make `cls` from a flat dict of values (YAML and/or flags), with typed coercion and checks. An
+    error about a key names `at[key]` ("run.yaml:3") where given, else `where`."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         name = key.replace("-", "_")
+        here = (at or {}).get(key, where)
         if name not in fields:
             near = difflib.get_close_matches(name, fields, n=1, cutoff=0.5)
             hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
-        kwargs[name] = _coerce(cls, fields[name], value, where)
+            raise ConfigError(f"{here}: unknown key {key!r}{hint}")
+        kwargs[name] = _coerce(cls, fields[name], value, here)
     return cls(**kwargs)
+
+
+class YamlValues(dict):
+    """A YAML file's mapping, with the line each top-level key is on (`lines`), for errors."""
+
+    lines: dict[str, int]
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -116,7 +124,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     for key in data:
         if not isinstance(key, str):
             raise ConfigError(f"{path}: key {key!r} is not an option name such as steps")
-    return data
+    out = YamlValues(data)
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    out.lines = {k.value: k.start_mark.line + 1 for k, _ in getattr(root, "value", []) if hasattr(k, "value")}
+    return out
 
 
 class _DuplicateKey(Exception):

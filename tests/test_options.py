@@ -3,6 +3,7 @@ that names the file and the key."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -94,3 +95,22 @@ def test_options_that_do_nothing_in_this_run_are_warned_about():
         TrainConfig(**base, algorithm="ppo")
         TrainConfig(**base, estimator="grpo")
         TrainConfig(**base, generation_batch_size=4, samples_per_prompt=4)
+
+
+@pytest.mark.parametrize(
+    "text, extra, match",
+    [
+        (
+            "model: m\nprompts: p.jsonl\nsamples_per_promt: 4\n",
+            [],
+            r"run\.yaml:3: unknown key 'samples_per_promt'",
+        ),
+        ("model: m\nsteps: many\nprompts: p.jsonl\n", [], r"run\.yaml:2: steps expects int, got 'many'"),
+        ("model: m\nsteps: many\nprompts: p.jsonl\n", ["--steps", "x"], r"command line: steps expects int"),
+    ],
+)
+def test_a_bad_key_in_a_config_file_is_named_by_its_line(tmp_path, capsys, text, extra, match):
+    path = yaml_file(tmp_path, text)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--config", str(path), "--reward", "x.py:f", *extra])
+    assert re.search(match, capsys.readouterr().err)
