@@ -4,6 +4,7 @@ with the adapter switched off), and what its checkpoint holds."""
 from __future__ import annotations
 
 import difflib
+import warnings
 
 import torch
 
@@ -40,7 +41,9 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str,
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
     )
-    return _absolute_base(get_peft_model(model, config))
+    with warnings.catch_warnings():  # peft reads transformers 5's deprecated name: not the user's to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return _absolute_base(get_peft_model(model, config))
 
 
 def _absolute_base(model):

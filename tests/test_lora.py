@@ -202,3 +202,14 @@ def test_an_adapter_directory_as_the_policy_is_refused_with_the_merged_model_nam
             )
         err = capsys.readouterr().err
         assert "is a LoRA adapter directory" in err and f"({out / 'checkpoint-1'})" in err
+
+
+def test_wrapping_a_model_raises_no_deprecation_warning_of_peft_s(llama_dir):
+    """peft reads transformers 5's deprecated `is_gradient_checkpointing`: every LoRA run printed it."""
+    import warnings
+
+    model = load_causal_lm(str(llama_dir))
+    model.gradient_checkpointing_enable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        apply_lora(model, 4, 16.0, 0.0, "all-linear")
