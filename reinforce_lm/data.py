@@ -8,18 +8,17 @@ and the column at fault. Warnings about truncated or skipped rows name the rows 
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import math
 import random
 import warnings
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import ConfigError, DataError
 from .files import Rows, read_rows  # noqa: F401 - re-exported: data.read_rows is public
+from .tokens import keep_last, text_ids, without_appended, writes_bos  # noqa: F401 - also data.*
 
 IGNORE_INDEX = -100  # label value that the cross-entropy loss skips
 _SHOW = 3  # how many row locations a warning lists
@@ -93,54 +92,6 @@ def finite_float32(value) -> float | None:
     return x if math.isfinite(x) and abs(x) <= _FLOAT32_MAX else None
 
 
-def writes_bos(tokenizer, text: str) -> bool:
-    """The text starts with the tokenizer's BOS string (a rendered chat template, a prompt written so):
-    tokenized without the tokenizer's own special tokens, it gets one BOS, not two."""
-    bos = tokenizer.bos_token
-    return bool(bos) and text.startswith(bos)
-
-
-def text_ids(tokenizer, text: str) -> list[int]:
-    """Token ids of a plain text as every stage reads it: with the tokenizer's special tokens (its BOS),
-    unless the text writes its BOS itself (`Sampler.encode` applies the same rule to a batch)."""
-    return tokenizer(text, add_special_tokens=not writes_bos(tokenizer, text))["input_ids"]
-
-
-_APPENDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> ids it appends
-
-
-def appended_ids(tokenizer) -> list[int]:
-    """The special tokens the tokenizer puts after a text (an EOS with `add_eos_token`, BERT's [SEP]);
-    most causal-LM tokenizers put none."""
-    try:
-        return _APPENDED[tokenizer]
-    except (KeyError, TypeError):  # TypeError: a tokenizer that takes no weak reference
-        pass
-    probe = "reinforce lm probe"
-    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
-    found = next(
-        (
-            full[i + len(plain) :]
-            for i in range(len(full) - len(plain) + 1)
-            if full[i : i + len(plain)] == plain
-        ),
-        [],
-    )
-    with contextlib.suppress(TypeError):
-        _APPENDED[tokenizer] = found
-    return found
-
-
-def without_appended(tokenizer, ids: list[int]) -> list[int]:
-    """`ids` of a prompt or an SFT example without the special tokens the tokenizer appends: a prompt
-    that ended in EOS would teach the policy to go on after its own EOS, and an SFT example would train
-    on `prompt <eos> completion <eos>`. (A reward model keeps them: it was trained on its tokenizer's
-    output, and scores it.)"""
-    tail = appended_ids(tokenizer)
-    return ids[: len(ids) - len(tail)] if tail and ids[len(ids) - len(tail) :] == tail else ids
-
-
 def end_of_turn_id(tokenizer) -> int | None:
     """The special token the chat template writes right after an assistant's message (ChatML's
     <|im_end|>, Gemma's <end_of_turn>, Llama 3's <|eot_id|>), or None: no template, no special token
@@ -161,16 +112,6 @@ def conversation_ids(tokenizer, where: str, messages: list[dict]) -> list[int]:
     """Token ids of a whole conversation as its chat template renders it (the template writes any special
     tokens itself): what a reward model is trained on and scores (`rewards.RewardModel`)."""
     return tokenizer(render_chat(tokenizer, where, messages, False), add_special_tokens=False)["input_ids"]
-
-
-def keep_last(ids: list[int], n: int, bos_id: int | None) -> list[int]:
-    """The last `n` of `ids`, with its first token among them if that is BOS. What a sequence longer
-    than its budget keeps: a prompt keeps the text nearest its completion, a scored text its completion."""
-    if len(ids) <= n:
-        return ids
-    if n > 1 and bos_id is not None and ids[0] == bos_id:
-        return ids[:1] + ids[len(ids) - n + 1 :]
-    return ids[len(ids) - n :]
 
 
 # ------------------------------------------------------------------------------------------------

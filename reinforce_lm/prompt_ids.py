@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from reinforce_lm.data import keep_last, without_appended, writes_bos
 from reinforce_lm.errors import DataError
 from reinforce_lm.models import embedding_rows
+from reinforce_lm.tokens import keep_last, without_appended, writes_bos
 
 
 def encode_prompts(
@@ -17,7 +17,7 @@ def encode_prompts(
     """Left-padded prompt ids [P, Lp], their mask, and whether any prompt was cut.
 
     A plain prompt gets the special tokens the tokenizer puts before a text (its BOS), once, and not
-    those it appends (an EOS: `data.without_appended`); one rendered by a chat template
+    those it appends (an EOS: `tokens.without_appended`); one rendered by a chat template
     (`templated[i]`) gets none, as SFT and `apply_chat_template(tokenize=True)` tokenize it: the
     template writes what it wants. A prompt longer than `max_length` keeps its last tokens, and its BOS
     (also one a template wrote).
