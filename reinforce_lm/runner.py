@@ -378,9 +378,8 @@ def run_eval(cfg) -> int:
             weights = f" x {cfg.reward_weights}" if cfg.reward_weights else ""
             print(f"mean reward over {cfg.prompts} of {cfg.model} ({', '.join(names)}{weights}): {mean:.4f}")
             for prompt, completion, score in rows[: cfg.show]:
-                end = (
-                    prompt if len(prompt) <= 200 else "..." + prompt[-200:]
-                )  # its end leads to the completion
+                # a long prompt's end: the text that leads to the completion
+                end = prompt if len(prompt) <= 200 else "..." + prompt[-200:]
                 print(f"  [{score:+.3f}] {end!r} -> {completion!r}")
         return 0
     finally:
