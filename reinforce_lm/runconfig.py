@@ -97,6 +97,8 @@ def changed_options(cfg, out: Path) -> list[str]:
         saved = json.loads((out / "run_config.json").read_text())
     except (OSError, ValueError):
         return []
+    if not isinstance(saved, dict):
+        return []
     now = json.loads(json.dumps(vars(cfg), default=str))  # as it was written: tuples as lists, paths as str
 
     def norm(v):
@@ -104,8 +106,6 @@ def changed_options(cfg, out: Path) -> list[str]:
             return str(Path(v).expanduser().resolve())
         return v
 
-    if not isinstance(saved, dict):
-        return []
     return [
         f"{k}: {saved[k]} there, {v} now"
         for k, v in now.items()
